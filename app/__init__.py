@@ -1,0 +1,1 @@
+"""Spell Platform: a marketplace and execution platform for paid automations."""

@@ -1,0 +1,178 @@
+"""An in-process queue with JetStream's semantics: at-least-once, explicit ack, dedupe by msg id.
+
+* ``publish`` drops a message whose ``msg_id`` was seen inside the duplicate window;
+* a fetched message must be acked; if it is not acked (or ``in_progress``-extended) within
+  ``ack_wait`` it is delivered again, with ``num_delivered`` + 1;
+* after ``max_deliver`` deliveries it goes to ``dead_letters`` instead.
+
+It only lives as long as the process: the ledger's outbox is what makes a restart lose nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.services.ports import Message
+
+
+@dataclass
+class _Entry:
+    subject: str
+    msg_id: str
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    num_delivered: int = 0
+    acked: bool = False
+    token: int = 0
+
+
+@dataclass
+class MemoryMessage:
+    _queue: MemoryQueue
+    _entry: _Entry
+    _token: int
+    subject: str = field(init=False)
+    msg_id: str = field(init=False)
+    payload: dict[str, Any] = field(init=False)
+    headers: Mapping[str, str] = field(init=False)
+    num_delivered: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.subject = self._entry.subject
+        self.msg_id = self._entry.msg_id
+        self.payload = self._entry.payload
+        self.headers = self._entry.headers
+        self.num_delivered = self._entry.num_delivered
+
+    async def ack(self) -> None:
+        self._queue._ack(self._entry, self._token)
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._queue._redeliver_after(self._entry, self._token, delay or 0.0)
+
+    async def in_progress(self) -> None:
+        self._queue._redeliver_after(self._entry, self._token, self._queue.ack_wait)
+
+
+class MemoryQueue:
+    def __init__(
+        self,
+        *,
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        duplicate_window: float = 120.0,
+    ) -> None:
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.duplicate_window = duplicate_window
+        self._ready: deque[_Entry] = deque()
+        self._cond = asyncio.Condition()
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dead_letters: list[dict[str, Any]] = []
+        self.published = 0
+        self.duplicates = 0
+        self._closed = False
+
+    async def publish(
+        self,
+        subject: str,
+        payload: dict[str, Any],
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        now = time.monotonic()
+        while self._seen and next(iter(self._seen.values())) < now - self.duplicate_window:
+            self._seen.popitem(last=False)
+        if msg_id in self._seen:
+            self.duplicates += 1
+            return
+        self._seen[msg_id] = now
+        self.published += 1
+        await self._push(_Entry(subject, msg_id, dict(payload), dict(headers or {})))
+
+    async def _push(self, entry: _Entry) -> None:
+        async with self._cond:
+            self._ready.append(entry)
+            self._cond.notify()
+
+    async def fetch(self, batch: int, timeout: float) -> list[Message]:
+        out: list[Message] = []
+        async with self._cond:
+            if not self._ready:
+                try:
+                    await asyncio.wait_for(self._cond.wait_for(lambda: bool(self._ready)), timeout)
+                except TimeoutError:
+                    return out
+            while self._ready and len(out) < batch:
+                entry = self._ready.popleft()
+                if entry.acked:
+                    continue
+                entry.num_delivered += 1
+                entry.token += 1
+                out.append(MemoryMessage(self, entry, entry.token))
+                self._arm(entry, self.ack_wait)
+        return out
+
+    def _arm(self, entry: _Entry, delay: float) -> None:
+        old = self._timers.pop(id(entry), None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        token = entry.token
+        self._timers[id(entry)] = loop.call_later(
+            delay, lambda: self._spawn(self._expire(entry, token))
+        )
+
+    async def _expire(self, entry: _Entry, token: int) -> None:
+        self._timers.pop(id(entry), None)
+        if entry.acked or entry.token != token or self._closed:
+            return
+        if entry.num_delivered >= self.max_deliver:
+            entry.acked = True
+            self.dead_letters.append(
+                {"subject": entry.subject, "msg_id": entry.msg_id, "payload": entry.payload}
+            )
+            return
+        await self._push(entry)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ack(self, entry: _Entry, token: int) -> None:
+        if entry.token != token or entry.acked:
+            return  # a stale delivery: the message went to somebody else
+        entry.acked = True
+        timer = self._timers.pop(id(entry), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _redeliver_after(self, entry: _Entry, token: int, delay: float) -> None:
+        if entry.token != token or entry.acked:
+            return
+        if delay <= 0:
+            entry.token += 1  # invalidate this delivery
+            timer = self._timers.pop(id(entry), None)
+            if timer is not None:
+                timer.cancel()
+            self._spawn(self._push(entry))
+        else:
+            self._arm(entry, delay)
+
+    def pending(self) -> int:
+        return len(self._ready)
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()

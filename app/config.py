@@ -1,0 +1,188 @@
+"""Settings: the only module that reads environment variables.
+
+Every knob of the platform is here, with its environment variable and its default. The README's
+configuration reference is generated from the same names, so keep the descriptions accurate.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server-side settings (``spell serve``, ``spell worker`` and local operator commands)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(
+        default=Path(".spell"),
+        validation_alias="SPELL_DATA_DIR",
+        description="Folder for the SQLite ledger, spell bundles, artifacts and the audit log.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL URL (postgresql://user@host/db). Unset: SQLite in the data dir.",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="SPELL_SECRET_KEY",
+        description="Key signing tokens and artifact URLs; generated into the data dir if unset.",
+    )
+    artifact_ttl: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        validation_alias="SPELL_ARTIFACT_TTL",
+        description="Seconds an artifact URL stays valid (and the artifact is kept).",
+    )
+    token_ttl: int = Field(
+        default=3600,
+        ge=1,
+        validation_alias="SPELL_TOKEN_TTL",
+        description="Default lifetime of issued bearer tokens, in seconds.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        validation_alias="SPELL_PUBLIC_URL",
+        description="Base URL clients use to reach this server (for progress and artifact URLs).",
+    )
+    rate_limit_burst: int = Field(
+        default=120,
+        ge=1,
+        validation_alias="SPELL_RATE_LIMIT_BURST",
+        description="Token-bucket capacity per principal (requests).",
+    )
+    rate_limit_per_sec: float = Field(
+        default=20.0,
+        gt=0,
+        validation_alias="SPELL_RATE_LIMIT_PER_SEC",
+        description="Token-bucket refill rate per principal (requests per second).",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        validation_alias="SPELL_MAX_BODY_BYTES",
+        description="Largest JSON request body accepted.",
+    )
+    max_bundle_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1024,
+        validation_alias="SPELL_MAX_BUNDLE_BYTES",
+        description="Largest spell bundle (tar.gz) accepted by POST /v1/bundles.",
+    )
+    max_output_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        validation_alias="SPELL_MAX_OUTPUT_BYTES",
+        description="Largest total output a service run may write to SPELL_OUT.",
+    )
+    default_monthly_cap_cents: int | None = Field(
+        default=10_000,
+        ge=0,
+        validation_alias="SPELL_DEFAULT_MONTHLY_CAP_CENTS",
+        description="Monthly budget cap given to new accounts (cents); empty for none.",
+    )
+    default_total_cap_cents: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias="SPELL_DEFAULT_TOTAL_CAP_CENTS",
+        description="Total budget cap given to new accounts (cents); empty for none.",
+    )
+    workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        validation_alias="SPELL_WORKERS",
+        description="Concurrent sandboxed runs in one process.",
+    )
+    unsafe_no_sandbox: bool = Field(
+        default=False,
+        validation_alias="SPELL_UNSAFE_NO_SANDBOX",
+        description="Run service spells WITHOUT bubblewrap. Local development only; logged loudly.",
+    )
+    sandbox_uid: int = Field(
+        default=65534,
+        validation_alias="SPELL_SANDBOX_UID",
+        description="Unprivileged host uid/gid the sandbox drops to when started as root.",
+    )
+    log_level: str = Field(default="INFO", validation_alias="SPELL_LOG_LEVEL")
+    idempotency_ttl: int = Field(
+        default=24 * 3600,
+        ge=60,
+        validation_alias="SPELL_IDEMPOTENCY_TTL",
+        description="Seconds an Idempotency-Key and its stored response are kept.",
+    )
+
+    @field_validator("default_monthly_cap_cents", "default_total_cap_cents", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The async SQLAlchemy URL: asyncpg for PostgreSQL, aiosqlite for the embedded default."""
+        url = self.database_url
+        if not url:
+            return f"sqlite+aiosqlite:///{(self.data_dir / 'spell.db').resolve()}"
+        for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url[len(prefix) :]
+        if url.startswith("sqlite:///"):
+            return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    def ensure_data_dir(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    def signing_key(self) -> bytes:
+        """The signing key; created (0600) in the data dir on first use when not configured."""
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            return self.secret_key.get_secret_value().encode()
+        path = self.ensure_data_dir() / "secret.key"
+        try:
+            return path.read_bytes().strip()
+        except FileNotFoundError:
+            pass
+        key = secrets.token_urlsafe(48).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        self.secret_key = SecretStr(key.decode())
+        return key
+
+
+class ClientSettings(BaseSettings):
+    """Client-side settings for the CLI and SDK: environment first, then the config file."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    api_url: str = Field(
+        default="http://127.0.0.1:8080",
+        validation_alias=AliasChoices("SPELL_API_URL", "api_url"),
+    )
+    token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("SPELL_TOKEN", "token")
+    )
+    config_file: Path = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_CONFIG_HOME", str(Path.home() / ".config")))
+            / "spell"
+            / "config.json"
+        ),
+        validation_alias="SPELL_CONFIG",
+    )

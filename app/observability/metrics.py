@@ -1,0 +1,76 @@
+"""Prometheus metrics on a dedicated registry (never the process-global default one).
+
+Exposed names (``prometheus_client`` adds ``_total`` to counters and the histogram series):
+
+=====================================  =========  ==================================================
+name                                   type       labels / meaning
+=====================================  =========  ==================================================
+``cast_count_total``                   counter    ``status``: casts that reached a status
+``cast_latency_ms_bucket/_sum/_count`` histogram  accepted → finished, in milliseconds
+``errors_by_code_total``               counter    ``code``: error responses by spec error code
+``http_requests_total``                counter    ``method``, ``route`` (the route template, never
+                                                  the raw path), ``status``
+``refunds_count_total``                counter    refunds issued
+``revenue_cents_total``                counter    settled revenue in minor units (all currencies)
+=====================================  =========  ==================================================
+
+Counters and the histogram also expose ``*_created`` timestamps (``prometheus_client`` default).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["LATENCY_BUCKETS_MS", "Metrics"]
+
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+    10000,
+    30000,
+    60000,
+)
+
+
+class Metrics:
+    """All metrics of one process, on their own registry. Build one per app instance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.cast_count = Counter(
+            "cast_count", "Casts that reached a status", ["status"], registry=self.registry
+        )
+        self.cast_latency_ms = Histogram(
+            "cast_latency_ms",
+            "Cast latency from acceptance to a final status, in milliseconds",
+            buckets=LATENCY_BUCKETS_MS,
+            registry=self.registry,
+        )
+        self.errors_by_code = Counter(
+            "errors_by_code", "Error responses by error code", ["code"], registry=self.registry
+        )
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.refunds_count = Counter("refunds_count", "Refunds issued", registry=self.registry)
+        self.revenue_cents = Counter(
+            "revenue_cents", "Settled revenue in minor currency units", registry=self.registry
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """``(body, content_type)`` for a ``GET /metrics`` response (Prometheus text format)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

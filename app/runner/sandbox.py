@@ -1,0 +1,939 @@
+"""Run one spell process under bubblewrap with rlimits, a wall-clock timeout and an output cap.
+
+The recipe (measured in ``FACTS.md`` § Sandbox):
+
+* When the runner is root it drops to an unprivileged host uid with ``setpriv`` *before* exec'ing
+  ``bwrap``: a root-launched sandbox otherwise maps to host root and can read ``/etc/shadow``.
+* ``bwrap --unshare-all --disable-userns --cap-drop ALL --clearenv``: empty network namespace
+  (only ``lo``), own PID namespace (every process dies with the sandbox), no nested user
+  namespaces, no capabilities, no inherited environment; ``setpriv --no-new-privs``.
+* A seccomp deny-list (:func:`seccomp_program`, x86_64 and aarch64) answers EPERM for ptrace,
+  mount, unshare/setns, bpf, io_uring, perf, keyrings, modules, ... and ENOSYS for clone3.
+* A minimal root: ``/usr`` read-only plus the usrmerge symlinks, fresh ``/proc``, ``/dev``, size-
+  limited tmpfs at ``/tmp`` and ``/dev/shm``; the bundle read-only at ``/spell`` (the cwd), the
+  input read-only at ``/tmp/input.json`` and the output folder read-write at ``/tmp/out``. ``/``
+  and ``/dev`` are remounted read-only at the end, so nothing else is writable.
+* rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``CORE=0``) are set in the child before exec
+  and inherited by everything inside. Options (env values included) reach bwrap through
+  ``--args FD``, so they never show up in the host's ``/proc/*/cmdline``.
+* ``--json-status-fd`` tells a spell's own failure (bwrap reports ``exit-code``) apart from a
+  sandbox that never started (no ``exit-code``): the latter raises :class:`SandboxUnavailable`.
+
+Outcome classification (first match wins):
+
+``timeout``           the wall clock passed ``timeout_sec``; the process group was killed.
+``output_too_large``  the watchdog saw ``out_dir`` grow past ``max_output_bytes`` (or past
+                      :data:`MAX_OUTPUT_ENTRIES` entries) and killed it, or the total after exit
+                      is over the cap; or a non-zero exit after ``RLIMIT_FSIZE`` hit: ``SIGXFSZ``
+                      (exit 153), ``File too large`` (EFBIG) in the stderr tail (Python ignores
+                      SIGXFSZ) or the output folder exactly at the cap.
+``ok``                exit status 0 (and output within the cap).
+``cpu``               ``SIGXCPU`` (exit 152): ``RLIMIT_CPU`` reached.
+``memory``            non-zero exit and the stderr tail shows an allocation failure
+                      (``MemoryError``, ``Cannot allocate memory``, ``std::bad_alloc``,
+                      ``out of memory``). ``RLIMIT_AS`` makes allocations fail rather than
+                      summoning the OOM killer, so the process reports it itself. A spell can
+                      fake this by printing the text; it is a failure either way.
+``killed``            ``SIGKILL`` from outside the runner (exit 137 or the launcher itself killed).
+``exit_error``        any other non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import stat
+import struct
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+__all__ = [
+    "BwrapSandbox",
+    "LineCallback",
+    "Outcome",
+    "Sandbox",
+    "SandboxResult",
+    "SandboxSpec",
+    "SandboxUnavailable",
+    "UnsafeSubprocessSandbox",
+    "detect_sandbox",
+    "seccomp_program",
+]
+
+log = logging.getLogger("spell.sandbox")
+
+#: Paths inside the sandbox (its /tmp is a private tmpfs, not the host's).
+SPELL_DIR = "/spell"
+SANDBOX_TMP = "/tmp"  # noqa: S108
+SANDBOX_SHM = "/dev/shm"  # noqa: S108
+INPUT_PATH = f"{SANDBOX_TMP}/input.json"
+OUT_DIR = f"{SANDBOX_TMP}/out"
+
+#: Bytes of stdout/stderr kept for the result, per stream.
+TAIL_BYTES = 4096
+#: Longest line handed to ``on_line``; the rest of the line is dropped.
+MAX_LINE_BYTES = 8192
+#: Lines handed to ``on_line`` per run (both streams together); the tails are kept regardless.
+MAX_STREAMED_LINES = 10_000
+#: How often the watchdog measures ``out_dir``.
+WATCHDOG_INTERVAL_SEC = 0.15
+#: Entries (files, folders, links) allowed in ``out_dir``; RLIMIT_FSIZE caps bytes per file,
+#: this caps inode exhaustion with millions of empty files.
+MAX_OUTPUT_ENTRIES = 10_000
+#: How long to wait for the output pipes to close once the process has gone.
+PIPE_DRAIN_SEC = 5.0
+
+_MIB = 1024 * 1024
+_MEMORY_MARKERS = re.compile(
+    r"MemoryError|Cannot allocate memory|std::bad_alloc|out of memory", re.IGNORECASE
+)
+# strerror(EFBIG): Python ignores SIGXFSZ, so RLIMIT_FSIZE surfaces as an OSError.
+_FILE_TOO_LARGE_MARKER = "File too large"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESERVED_ENV = frozenset({"HOME", "PATH", "LANG", "SPELL_INPUT", "SPELL_OUT"})
+_SIGXCPU_EXIT = 128 + signal.SIGXCPU
+_SIGXFSZ_EXIT = 128 + signal.SIGXFSZ
+_SIGKILL_EXIT = 128 + signal.SIGKILL
+
+Outcome = Literal["ok", "exit_error", "timeout", "memory", "output_too_large", "cpu", "killed"]
+LineCallback = Callable[[str, str], Awaitable[None]]
+"""``(stream, line)``: stream is ``"stdout"`` or ``"stderr"``, line has no newline."""
+
+
+class SandboxUnavailable(Exception):
+    """The sandbox cannot run here (bwrap missing, namespaces forbidden, probe or setup failed)."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """One sandboxed run. Host paths must be reachable by the sandbox uid (see ``run``)."""
+
+    bundle_dir: Path
+    argv: list[str]
+    input_path: Path
+    out_dir: Path
+    timeout_sec: float
+    memory_mb: int
+    max_output_bytes: int
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpu_sec: int | None = None
+    max_procs: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ValueError("argv must not be empty")
+        if not self.timeout_sec > 0:
+            raise ValueError("timeout_sec must be > 0")
+        if self.memory_mb <= 0 or self.max_output_bytes <= 0 or self.max_procs <= 0:
+            raise ValueError("memory_mb, max_output_bytes and max_procs must be > 0")
+        if self.cpu_sec is not None and self.cpu_sec <= 0:
+            raise ValueError("cpu_sec must be > 0")
+        for arg in self.argv:
+            _check_arg(arg, "argv")
+        for name, value in self.env.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+            if name in _RESERVED_ENV:
+                raise ValueError(f"environment variable {name} is set by the sandbox")
+            _check_arg(value, f"env[{name}]")
+
+    @property
+    def effective_cpu_sec(self) -> int:
+        return self.cpu_sec if self.cpu_sec is not None else math.ceil(self.timeout_sec) + 1
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    outcome: Outcome
+    exit_code: int | None
+    """Exit status (128+N when the process died of signal N); None when the runner killed it
+    (timeout, output cap)."""
+    duration_ms: int
+    output_bytes: int
+    stdout_tail: str
+    stderr_tail: str
+
+
+class Sandbox(Protocol):
+    name: str
+
+    async def probe(self) -> None:
+        """Raise :class:`SandboxUnavailable` unless runs can work here."""
+
+    async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
+        """Run ``spec.argv`` to completion (or until a limit kills it)."""
+
+
+def _check_arg(value: str, what: str) -> None:
+    # bwrap reads its options NUL-separated from a memfd: a NUL would smuggle in options.
+    if "\0" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by both sandboxes
+
+
+@dataclass(frozen=True)
+class _Limits:
+    address_space: int
+    cpu_sec: int
+    file_size: int
+    procs: int
+
+    @classmethod
+    def of(cls, spec: SandboxSpec) -> _Limits:
+        return cls(
+            address_space=spec.memory_mb * _MIB,
+            cpu_sec=spec.effective_cpu_sec,
+            file_size=spec.max_output_bytes,
+            procs=spec.max_procs,
+        )
+
+    def apply(self) -> None:
+        """Runs in the forked child before exec (``preexec_fn``): only syscalls, no locks."""
+        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+        # Soft < hard: SIGXCPU at the soft limit (exit 152), SIGKILL a second later if ignored.
+        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_sec, self.cpu_sec + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
+        # Counted per host uid (all concurrent sandboxes share it) and ignored for root.
+        resource.setrlimit(resource.RLIMIT_NPROC, (self.procs, self.procs))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class _LineBudget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
+class _StreamCollector:
+    """Reads one pipe in chunks: keeps a byte tail, hands capped lines to ``on_line``."""
+
+    def __init__(self, stream: str, on_line: LineCallback | None, budget: _LineBudget) -> None:
+        self.stream = stream
+        self._on_line = on_line
+        self._budget = budget
+        self._tail = bytearray()
+        self._line = bytearray()
+        self._line_full = False
+
+    @property
+    def tail(self) -> str:
+        return self._tail.decode("utf-8", errors="replace")
+
+    async def consume(self, reader: asyncio.StreamReader) -> None:
+        while chunk := await reader.read(65536):
+            self._tail += chunk
+            if len(self._tail) > TAIL_BYTES:
+                del self._tail[:-TAIL_BYTES]
+            start = 0
+            while (newline := chunk.find(b"\n", start)) != -1:
+                self._append(chunk[start:newline])
+                await self._emit()
+                start = newline + 1
+            self._append(chunk[start:])
+        if self._line or self._line_full:
+            await self._emit()
+
+    def _append(self, piece: bytes) -> None:
+        room = MAX_LINE_BYTES - len(self._line)
+        if len(piece) > room:
+            self._line_full = True
+            piece = piece[:room]
+        self._line += piece
+
+    async def _emit(self) -> None:
+        line = self._line.decode("utf-8", errors="replace").removesuffix("\r")
+        self._line.clear()
+        self._line_full = False
+        if self._on_line is None or not self._budget.take():
+            return
+        try:
+            await self._on_line(self.stream, line)
+        except Exception:
+            log.exception("on_line callback failed; no further lines are streamed for this run")
+            self._on_line = None
+
+
+def _output_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
+    """(bytes in regular files, entries) under ``out_dir``; never follows symlinks.
+
+    Stops counting once ``max_entries`` is passed (the caller only needs to know it is over).
+    """
+    total = 0
+    entries = 0
+    stack = [str(out_dir)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    if entries > max_entries:
+                        return total, entries
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total, entries
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _may(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+    """Whether ``uid``/``gid`` (no supplementary groups) has ``bits`` (r=4, w=2, x=1)."""
+    if st.st_uid == uid:
+        shift = 6
+    elif st.st_gid == gid:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def _require_access(path: Path, uid: int, gid: int, bits: int, what: str) -> None:
+    """Fail early, with a clear message, if the sandbox uid could not reach ``path``.
+
+    bwrap resolves bind sources as the unprivileged user, so every ancestor needs search
+    permission for it (pytest's ``/tmp/pytest-of-root`` is 0700, for instance).
+    """
+    for parent in reversed(path.parents):
+        if not _may(parent.stat(), uid, gid, 1):
+            raise ValueError(
+                f"{what} {path} is not reachable by sandbox uid {uid}: "
+                f"{parent} lacks search (x) permission for it"
+            )
+    if not _may(path.stat(), uid, gid, bits):
+        raise ValueError(f"{what} {path} lacks permission {bits:o} for sandbox uid {uid}")
+
+
+def _prepare_paths(spec: SandboxSpec, uid: int | None) -> tuple[Path, Path, Path]:
+    """Resolve the host paths, create/chown ``out_dir``; ``uid`` None means no uid switch."""
+    bundle_dir = spec.bundle_dir.resolve(strict=True)
+    input_path = spec.input_path.resolve(strict=True)
+    if not bundle_dir.is_dir():
+        raise ValueError(f"bundle_dir {bundle_dir} is not a folder")
+    if not stat.S_ISREG(input_path.stat().st_mode):
+        raise ValueError(f"input_path {input_path} is not a regular file")
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = spec.out_dir.resolve(strict=True)
+    if uid is not None:
+        os.chown(out_dir, uid, uid)
+        out_dir.chmod(0o755)
+        _require_access(bundle_dir, uid, uid, 5, "bundle_dir")
+        _require_access(input_path, uid, uid, 4, "input_path")
+        _require_access(out_dir, uid, uid, 7, "out_dir")
+    return bundle_dir, input_path, out_dir
+
+
+@dataclass
+class _RawRun:
+    returncode: int
+    killed_for: Outcome | None
+    duration_ms: int
+    output_bytes: int
+    output_entries: int
+    stdout_tail: str
+    stderr_tail: str
+
+
+async def _supervise(
+    cmd: Sequence[str],
+    *,
+    spec: SandboxSpec,
+    out_dir: Path,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    pass_fds: Sequence[int],
+    on_line: LineCallback | None,
+    reap_group_after_exit: bool,
+) -> _RawRun:
+    """Spawn ``cmd`` in a new session with the spec's rlimits and watch it until it is gone."""
+    limits = _Limits.of(spec)
+    budget = _LineBudget(MAX_STREAMED_LINES)
+    collectors = (
+        _StreamCollector("stdout", on_line, budget),
+        _StreamCollector("stderr", on_line, budget),
+    )
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=limits.apply,  # only setrlimit calls, see _Limits.apply
+        pass_fds=tuple(pass_fds),
+        close_fds=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        asyncio.ensure_future(collectors[0].consume(proc.stdout)),
+        asyncio.ensure_future(collectors[1].consume(proc.stderr)),
+    ]
+    waiter = asyncio.ensure_future(proc.wait())
+    watchdog = asyncio.ensure_future(_watch_output(out_dir, spec.max_output_bytes))
+    killed_for: Outcome | None = None
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, watchdog}, timeout=spec.timeout_sec, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            killed_for = "output_too_large" if watchdog in done else "timeout"
+            _killpg(proc.pid)
+        returncode = await waiter
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if reap_group_after_exit:
+            # Without a PID namespace, children that outlive the leader keep the group (and the
+            # pipes) alive. Safe: a group id cannot be reused while a member lives.
+            _killpg(proc.pid)
+        _, pending = await asyncio.wait(readers, timeout=PIPE_DRAIN_SEC)
+        for reader in pending:
+            reader.cancel()
+    finally:
+        watchdog.cancel()
+        if proc.returncode is None:  # cancelled from outside: never leave a sandbox behind
+            _killpg(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(waiter)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, watchdog, return_exceptions=True)
+    output_bytes, entries = _output_usage(out_dir, MAX_OUTPUT_ENTRIES)
+    return _RawRun(
+        returncode=returncode,
+        killed_for=killed_for,
+        duration_ms=duration_ms,
+        output_bytes=output_bytes,
+        output_entries=entries,
+        stdout_tail=collectors[0].tail,
+        stderr_tail=collectors[1].tail,
+    )
+
+
+async def _watch_output(out_dir: Path, max_bytes: int) -> None:
+    """Return as soon as ``out_dir`` is over the byte or entry cap; poll otherwise."""
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_SEC)
+        size, entries = _output_usage(out_dir, MAX_OUTPUT_ENTRIES)
+        if size > max_bytes or entries > MAX_OUTPUT_ENTRIES:
+            return
+
+
+def _classify(raw: _RawRun, spec: SandboxSpec) -> SandboxResult:
+    # bwrap reports a signal death of the spell as 128+N; do the same when the launcher died.
+    code: int | None = raw.returncode if raw.returncode >= 0 else 128 - raw.returncode
+    outcome: Outcome
+    if raw.killed_for is not None:
+        outcome, code = raw.killed_for, None
+    elif raw.output_bytes > spec.max_output_bytes or raw.output_entries > MAX_OUTPUT_ENTRIES:
+        outcome = "output_too_large"
+    elif raw.returncode == 0:
+        outcome = "ok"
+    elif (
+        code == _SIGXFSZ_EXIT
+        or _FILE_TOO_LARGE_MARKER in raw.stderr_tail
+        or raw.output_bytes >= spec.max_output_bytes
+    ):
+        outcome = "output_too_large"
+    elif code == _SIGXCPU_EXIT:
+        outcome = "cpu"
+    elif _MEMORY_MARKERS.search(raw.stderr_tail):
+        outcome = "memory"
+    elif code == _SIGKILL_EXIT or raw.returncode < 0:
+        outcome = "killed"
+    else:
+        outcome = "exit_error"
+    return SandboxResult(
+        outcome=outcome,
+        exit_code=code,
+        duration_ms=raw.duration_ms,
+        output_bytes=raw.output_bytes,
+        stdout_tail=raw.stdout_tail,
+        stderr_tail=raw.stderr_tail,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# seccomp: a classic-BPF deny-list, built with the stdlib and handed to ``bwrap --seccomp FD``
+
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_JGE_K = 0x35
+_BPF_RET_K = 0x06
+_SECCOMP_RET_KILL_PROCESS = 0x80000000
+_SECCOMP_RET_ERRNO = 0x00050000
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_X32_SYSCALL_BIT = 0x40000000
+
+#: Syscalls a spell never needs that widen the kernel attack surface or reach outside the
+#: sandbox (tracing, mounts, namespaces, BPF, io_uring, keyrings, modules, clocks, ...).
+#: Most fail anyway without capabilities; the filter makes that independent of kernel bugs.
+_DENIED_SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "open_tree": 428, "move_mount": 429,
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "unshare": 272, "setns": 308, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+        "keyctl": 250, "add_key": 248, "request_key": 249, "kexec_load": 246,
+        "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
+        "iopl": 172, "ioperm": 173, "swapon": 167, "swapoff": 168, "reboot": 169, "acct": 163,
+        "syslog": 103, "quotactl": 179, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "open_by_handle_at": 304, "name_to_handle_at": 303,
+        "fanotify_init": 300, "lookup_dcookie": 212, "uselib": 134, "vhangup": 153,
+        "settimeofday": 164, "clock_settime": 227,
+    },
+    "aarch64": {
+        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+        "mount": 40, "umount2": 39, "pivot_root": 41, "open_tree": 428, "move_mount": 429,
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+        "unshare": 97, "setns": 268, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+        "keyctl": 219, "add_key": 217, "request_key": 218, "kexec_load": 104,
+        "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106,
+        "swapon": 224, "swapoff": 225, "reboot": 142, "acct": 89, "syslog": 116,
+        "quotactl": 60, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "open_by_handle_at": 265, "name_to_handle_at": 264, "fanotify_init": 262,
+        "lookup_dcookie": 18, "vhangup": 58, "settimeofday": 170, "clock_settime": 112,
+    },
+}  # fmt: skip
+#: clone3 answers ENOSYS (its flags live in memory, so they cannot be filtered): libc then
+#: falls back to clone, whose namespace flags --disable-userns and the missing caps refuse.
+_CLONE3 = 435
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+def seccomp_program(machine: str) -> bytes | None:
+    """The BPF program (array of ``struct sock_filter``) for ``machine``; None if unsupported.
+
+    Layout: kill the process on a foreign syscall ABI (i386 via ``int 0x80``, x32), answer
+    EPERM for :data:`_DENIED_SYSCALLS`, ENOSYS for clone3, allow the rest.
+    """
+    denied = _DENIED_SYSCALLS.get(machine)
+    if denied is None:
+        return None
+
+    def insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+
+    errno_ret = insn(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM)
+    prog = [
+        insn(_BPF_LD_W_ABS, 4),  # seccomp_data.arch
+        insn(_BPF_JEQ_K, _AUDIT_ARCH[machine], jt=1),
+        insn(_BPF_RET_K, _SECCOMP_RET_KILL_PROCESS),
+        insn(_BPF_LD_W_ABS, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [
+            insn(_BPF_JGE_K, _X32_SYSCALL_BIT, jf=1),
+            insn(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+        ]
+    prog += [
+        insn(_BPF_JEQ_K, _CLONE3, jf=1),
+        insn(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+    ]
+    for nr in sorted(set(denied.values())):
+        prog += [insn(_BPF_JEQ_K, nr, jf=1), errno_ret]
+    prog.append(insn(_BPF_RET_K, _SECCOMP_RET_ALLOW))
+    return b"".join(prog)
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _setpriv_prefix(setpriv: str, uid: int) -> list[str]:
+    return [
+        setpriv,
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--",
+    ]
+
+
+def _which_or_unavailable(name: str, hint: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise SandboxUnavailable(f"{name} not found on PATH: {hint}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The real sandbox
+
+
+class BwrapSandbox:
+    """bubblewrap + rlimits, launched as an unprivileged uid (see the module docstring).
+
+    ``RLIMIT_NPROC`` counts every process of the host uid, across all sandboxes running as it
+    (about 3 per idle sandbox: bwrap, its init, the spell) and any other process of that uid:
+    with one shared uid, ``max_procs`` caps the whole host, not one run. Pass ``uid_pool``
+    (uids used by nothing else, e.g. ``range(200000, 200064)``; they need no passwd entry)
+    to give each concurrent run its own uid; runs then wait for a free uid. Without a pool,
+    every run uses ``uid``. When the runner is not root, the uid cannot change and both are
+    ignored.
+    """
+
+    name = "bwrap"
+
+    def __init__(
+        self, *, uid: int = 65534, bwrap: str | None = None, uid_pool: Sequence[int] = ()
+    ) -> None:
+        if uid == 0 or 0 in uid_pool:
+            raise ValueError("the sandbox uid must not be 0")
+        self._uid = uid
+        self._uid_pool = list(dict.fromkeys(uid_pool))
+        self._free_uids: asyncio.Queue[int] | None = None
+        self._bwrap = bwrap
+        self._probed = False
+        self._warned_seccomp = False
+        self._probe_lock = asyncio.Lock()
+
+    async def probe(self) -> None:
+        """Run ``/usr/bin/true`` through the full recipe once; cache success."""
+        if self._probed:
+            return
+        async with self._probe_lock:
+            if self._probed:
+                return
+            self._launcher(self._uid)  # raises SandboxUnavailable if bwrap/setpriv are missing
+            work = _make_probe_workspace()
+            try:
+                spec = SandboxSpec(
+                    bundle_dir=work / "bundle",
+                    argv=["/usr/bin/true"],
+                    input_path=work / "input.json",
+                    out_dir=work / "out",
+                    timeout_sec=30,
+                    memory_mb=256,
+                    max_output_bytes=_MIB,
+                )
+                try:
+                    result = await self._run(spec, None, self._uid)
+                except ValueError as exc:
+                    raise SandboxUnavailable(f"sandbox probe could not be prepared: {exc}") from exc
+                if result.outcome != "ok":
+                    raise SandboxUnavailable(
+                        f"sandbox probe failed ({result.outcome}, exit {result.exit_code}): "
+                        f"{result.stderr_tail.strip()}"
+                    )
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            self._probed = True
+            log.info("sandbox probe passed (bwrap, uid %s)", self._uid)
+
+    async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
+        """Run ``spec`` in the sandbox.
+
+        When the runner is root, ``spec.out_dir`` is created and chowned to the sandbox uid,
+        and the sandbox uid must be able to reach ``bundle_dir`` (r-x), ``input_path`` (r--) and
+        every folder above them (--x): otherwise ``ValueError`` is raised before anything runs.
+        Raises :class:`SandboxUnavailable` when the probe fails or bwrap could not set up.
+        """
+        await self.probe()
+        if not self._uid_pool:
+            return await self._run(spec, on_line, self._uid)
+        if self._free_uids is None:
+            self._free_uids = asyncio.Queue()
+            for uid in self._uid_pool:
+                self._free_uids.put_nowait(uid)
+        uid = await self._free_uids.get()
+        try:
+            return await self._run(spec, on_line, uid)
+        finally:
+            self._free_uids.put_nowait(uid)  # every process of the run is gone by now
+
+    def _launcher(self, uid: int) -> list[str]:
+        if self._bwrap is None:
+            self._bwrap = _which_or_unavailable(
+                "bwrap", "install bubblewrap (apt-get install bubblewrap)"
+            )
+        elif not os.access(self._bwrap, os.X_OK):
+            raise SandboxUnavailable(f"bwrap at {self._bwrap} is not executable")
+        if not _running_as_root():
+            return [self._bwrap]
+        setpriv = _which_or_unavailable(
+            "setpriv", "needed to drop root before bwrap (apt-get install util-linux)"
+        )
+        return [*_setpriv_prefix(setpriv, uid), self._bwrap]
+
+    def _options(
+        self,
+        spec: SandboxSpec,
+        paths: tuple[Path, Path, Path],
+        status_fd: int,
+        seccomp_fd: int | None,
+    ) -> list[str]:
+        bundle_dir, input_path, out_dir = paths
+        tmpfs_size = str(spec.memory_mb * _MIB)  # tmpfs is RAM: bound it by the memory budget
+        opts = [
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop", "ALL",
+            "--hostname", "spell",
+            "--clearenv",
+            "--ro-bind", "/usr", "/usr",
+        ]  # fmt: skip
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / name
+            if host.is_symlink():
+                opts += ["--symlink", os.readlink(host), f"/{name}"]
+            elif host.is_dir():  # not usrmerged
+                opts += ["--ro-bind", str(host), f"/{name}"]
+        opts += [
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", tmpfs_size, "--tmpfs", SANDBOX_SHM,
+            "--remount-ro", "/dev",
+            "--size", tmpfs_size, "--tmpfs", SANDBOX_TMP,
+            "--ro-bind", str(bundle_dir), SPELL_DIR,
+            "--ro-bind", str(input_path), INPUT_PATH,
+            "--bind", str(out_dir), OUT_DIR,
+            "--remount-ro", "/",
+            "--chdir", SPELL_DIR,
+            "--json-status-fd", str(status_fd),
+        ]  # fmt: skip
+        if seccomp_fd is not None:
+            opts += ["--seccomp", str(seccomp_fd)]
+        env = {
+            "HOME": SANDBOX_TMP,
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            **spec.env,
+            "SPELL_INPUT": INPUT_PATH,
+            "SPELL_OUT": OUT_DIR,
+        }
+        for name, value in env.items():
+            opts += ["--setenv", name, value]
+        return opts
+
+    async def _run(
+        self, spec: SandboxSpec, on_line: LineCallback | None, uid: int
+    ) -> SandboxResult:
+        launcher = self._launcher(uid)
+        paths = _prepare_paths(spec, uid if _running_as_root() else None)
+        status_read, status_write = os.pipe()
+        fds = [status_read, status_write]
+        try:
+            seccomp_fd = self._seccomp_fd()
+            if seccomp_fd is not None:
+                fds.append(seccomp_fd)
+            args_fd = _memfd("bwrap-args", b"")
+            fds.append(args_fd)
+            options = self._options(spec, paths, status_write, seccomp_fd)
+            os.write(args_fd, b"".join(os.fsencode(opt) + b"\0" for opt in options))
+            os.lseek(args_fd, 0, os.SEEK_SET)
+            cmd = [*launcher, "--args", str(args_fd), "--", *spec.argv]
+            raw = await _supervise(
+                cmd,
+                spec=spec,
+                out_dir=paths[2],
+                env={"PATH": "/usr/bin:/bin"},
+                cwd=None,
+                pass_fds=fds[1:],
+                on_line=on_line,
+                reap_group_after_exit=False,
+            )
+            os.close(status_write)
+            fds.remove(status_write)
+            statuses = _read_json_status(status_read)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if raw.killed_for is None and raw.returncode > 0 and "exit-code" not in statuses:
+            # bwrap itself failed before the spell ran (namespaces forbidden, bad bind, ...).
+            raise SandboxUnavailable(
+                f"bwrap failed to set up the sandbox (exit {raw.returncode}): "
+                f"{raw.stderr_tail.strip()}"
+            )
+        return _classify(raw, spec)
+
+    def _seccomp_fd(self) -> int | None:
+        program = seccomp_program(platform.machine())
+        if program is None:
+            if not self._warned_seccomp:
+                log.warning(
+                    "no seccomp filter for %s: syscalls are not filtered", platform.machine()
+                )
+                self._warned_seccomp = True
+            return None
+        return _memfd("bwrap-seccomp", program)
+
+
+def _memfd(name: str, content: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, content)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_probe_workspace() -> Path:
+    """A throwaway bundle/input the sandbox uid can reach (mkdtemp makes 0700 folders)."""
+    work = Path(tempfile.mkdtemp(prefix="spell-sandbox-probe-"))
+    work.chmod(0o755)
+    (work / "bundle").mkdir()
+    (work / "bundle").chmod(0o755)
+    (work / "input.json").write_text("{}", encoding="utf-8")
+    (work / "input.json").chmod(0o644)
+    return work
+
+
+def _read_json_status(fd: int) -> dict[str, object]:
+    """Merge the JSON documents bwrap wrote to ``--json-status-fd`` (never blocks)."""
+    os.set_blocking(fd, False)
+    data = bytearray()
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    merged: dict[str, object] = {}
+    decoder = json.JSONDecoder()
+    text = data.decode("utf-8", errors="replace")
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        if isinstance(doc, dict):
+            merged.update(doc)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Development fallback
+
+
+class UnsafeSubprocessSandbox:
+    """NOT a sandbox: a plain subprocess with the same rlimits, timeout and output cap.
+
+    Only for ``SPELL_UNSAFE_NO_SANDBOX=1`` local development. The spell sees the host file
+    system and network. When the runner is root it still drops to ``uid`` via setpriv. Paths in
+    ``argv`` starting with ``/spell`` are rewritten to ``bundle_dir``; ``SPELL_INPUT`` and
+    ``SPELL_OUT`` point at the host paths; ``HOME``/``TMPDIR`` is a throwaway folder.
+    """
+
+    name = "unsafe-subprocess"
+
+    def __init__(self, *, uid: int = 65534) -> None:
+        if uid == 0:
+            raise ValueError("the sandbox uid must not be 0")
+        self._uid = uid
+
+    async def probe(self) -> None:
+        if _running_as_root():
+            _which_or_unavailable("setpriv", "needed to drop root (apt-get install util-linux)")
+        log.warning("UNSAFE: spells run WITHOUT a sandbox (SPELL_UNSAFE_NO_SANDBOX=1)")
+
+    async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
+        log.warning(
+            "UNSAFE: running %s WITHOUT a sandbox: no namespaces, host files and network "
+            "are reachable (SPELL_UNSAFE_NO_SANDBOX=1; never use this in production)",
+            spec.argv[0],
+        )
+        root = _running_as_root()
+        uid = self._uid if root else None
+        bundle_dir, input_path, out_dir = _prepare_paths(spec, uid)
+        argv = [_rewrite_spell_path(arg, bundle_dir) for arg in spec.argv]
+        if root:
+            setpriv = _which_or_unavailable("setpriv", "needed to drop root")
+            argv = [*_setpriv_prefix(setpriv, self._uid), *argv]
+        home = Path(tempfile.mkdtemp(prefix="spell-unsafe-home-"))
+        try:
+            if uid is not None:
+                os.chown(home, uid, uid)
+            env = {
+                "HOME": str(home),
+                "TMPDIR": str(home),
+                "PATH": "/usr/bin:/bin",
+                "LANG": "C.UTF-8",
+                **spec.env,
+                "SPELL_INPUT": str(input_path),
+                "SPELL_OUT": str(out_dir),
+            }
+            raw = await _supervise(
+                argv,
+                spec=spec,
+                out_dir=out_dir,
+                env=env,
+                cwd=bundle_dir,
+                pass_fds=(),
+                on_line=on_line,
+                reap_group_after_exit=True,
+            )
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        return _classify(raw, spec)
+
+
+def _rewrite_spell_path(arg: str, bundle_dir: Path) -> str:
+    if arg == SPELL_DIR:
+        return str(bundle_dir)
+    if arg.startswith(SPELL_DIR + "/"):
+        return str(bundle_dir) + arg[len(SPELL_DIR) :]
+    return arg
+
+
+def detect_sandbox(
+    *, uid: int = 65534, allow_unsafe: bool = False, uid_pool: Sequence[int] = ()
+) -> Sandbox:
+    """The bubblewrap sandbox when ``bwrap`` is on PATH; the unsafe fallback only if allowed.
+
+    ``uid_pool`` is passed to :class:`BwrapSandbox` (see there why it matters under load).
+
+    Does not probe: call ``await sandbox.probe()`` at start-up and refuse service runs on
+    :class:`SandboxUnavailable` (fail closed).
+    """
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        return BwrapSandbox(uid=uid, bwrap=bwrap, uid_pool=uid_pool)
+    if allow_unsafe:
+        log.warning("bwrap not found; SPELL_UNSAFE_NO_SANDBOX=1 so spells run WITHOUT a sandbox")
+        return UnsafeSubprocessSandbox(uid=uid)
+    raise SandboxUnavailable(
+        "bubblewrap (bwrap) not found on PATH: install it (apt-get install bubblewrap); "
+        "for local development only, SPELL_UNSAFE_NO_SANDBOX=1 runs spells without a sandbox"
+    )

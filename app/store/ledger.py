@@ -1,0 +1,742 @@
+"""The SQL ledger: every read and write of platform state, one transaction per use-case step.
+
+The money-safety rules live here because they are SQL rules:
+
+* a budget reservation is ONE conditional ``UPDATE … WHERE used + reserved + est <= cap
+  RETURNING`` — never read-then-write — so no interleaving can overspend;
+* a reservation is settled or released exactly once, guarded by the cast's ``reservation`` column
+  flipping from ``held`` in the same transaction;
+* an Idempotency-Key row is inserted in the same transaction as the work it protects, so two
+  concurrent requests with one key can never both do the work (the database's unique key decides).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, delete, func, or_, select, true, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.domain.caps import CapView, month_period
+from app.domain.spells import SpellDocument, semver_key
+from app.errors import AppError
+from app.services.ports import Clock
+from app.store.models import (
+    Account,
+    Artifact,
+    AuditPointer,
+    Budget,
+    Bundle,
+    Cast,
+    CastEvent,
+    IdempotencyKey,
+    IssuedToken,
+    LedgerLine,
+    Outbox,
+    Principal,
+    Spell,
+    SpellVersion,
+)
+
+Work = Callable[[AsyncSession], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    account_id: str
+    period: str
+    monthly: CapView
+    total: CapView
+
+
+@dataclass(frozen=True)
+class Claim:
+    cast: Cast
+    attempt: int
+
+
+class SqlLedger:
+    def __init__(
+        self, engine: AsyncEngine, clock: Clock, *, idempotency_ttl: int = 24 * 3600
+    ) -> None:
+        self.engine = engine
+        self.idempotency_ttl = idempotency_ttl
+        self.clock = clock
+        #: write transactions (BEGIN IMMEDIATE on SQLite)
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        #: read-only work: a deferred BEGIN on SQLite, so reads never queue behind writers
+        self.reader = async_sessionmaker(
+            engine.execution_options(spell_readonly=True), expire_on_commit=False
+        )
+        self.dialect = engine.dialect.name
+
+    def _insert(self, model: Any) -> Any:
+        mod = postgresql if self.dialect == "postgresql" else sqlite
+        return mod.insert(model)
+
+    # ------------------------------------------------------------------ accounts & principals
+
+    async def ensure_principal(
+        self,
+        account_id: str,
+        role: str,
+        *,
+        monthly_cap: int | None,
+        total_cap: int | None,
+    ) -> str:
+        """Create the account (with its budget row and default caps) and the principal if new."""
+        now = self.clock.now()
+        async with self.sessions.begin() as s:
+            await s.execute(
+                self._insert(Account)
+                .values(id=account_id, status="active", created_at=now)
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
+            await s.execute(
+                self._insert(Budget)
+                .values(
+                    account_id=account_id,
+                    monthly_cap_cents=monthly_cap,
+                    total_cap_cents=total_cap,
+                    period=month_period(now),
+                    monthly_used_cents=0,
+                    monthly_reserved_cents=0,
+                    total_used_cents=0,
+                    total_reserved_cents=0,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["account_id"])
+            )
+            await s.execute(
+                self._insert(Principal)
+                .values(id=new_id("p"), account_id=account_id, role=role, created_at=now)
+                .on_conflict_do_nothing(index_elements=["account_id", "role"])
+            )
+            pid = await s.scalar(
+                select(Principal.id).where(
+                    Principal.account_id == account_id, Principal.role == role
+                )
+            )
+            assert pid is not None
+            return pid
+
+    async def record_token(
+        self, jti: str, principal_id: str, issued_at: datetime, expires_at: datetime
+    ) -> None:
+        async with self.sessions.begin() as s:
+            s.add(
+                IssuedToken(
+                    jti=jti, principal_id=principal_id, issued_at=issued_at, expires_at=expires_at
+                )
+            )
+
+    async def account_exists(self, account_id: str) -> bool:
+        async with self.reader() as s:
+            return (await s.get(Account, account_id)) is not None
+
+    # ------------------------------------------------------------------ idempotency
+
+    async def run_idempotent(
+        self, principal_id: str, key: str, req_hash: str, work: Work
+    ) -> tuple[int, dict[str, Any], bool]:
+        """Do ``work`` once per (principal, key); replay its stored answer afterwards.
+
+        Returns ``(status, body, replayed)``. Only successful answers are stored: when ``work``
+        raises, the key is rolled back with everything else, so the caller may retry with it.
+        """
+        now = self.clock.now()
+        ttl = self.idempotency_ttl
+        async with self.sessions.begin() as s:
+            res = await s.execute(
+                self._insert(IdempotencyKey)
+                .values(
+                    principal_id=principal_id,
+                    key=key,
+                    request_hash=req_hash,
+                    response_status=0,
+                    response_body={},
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=ttl),
+                )
+                .on_conflict_do_nothing(index_elements=["principal_id", "key"])
+            )
+            if res.rowcount == 0:  # type: ignore[attr-defined]
+                row = await s.get(IdempotencyKey, (principal_id, key), populate_existing=True)
+                assert row is not None
+                if row.expires_at <= now:
+                    # Expired: the key is free again. Take it over in this transaction.
+                    row.request_hash = req_hash
+                    row.created_at = now
+                    row.expires_at = now + timedelta(seconds=ttl)
+                elif row.request_hash != req_hash:
+                    raise AppError(
+                        "IDEMPOTENCY_CONFLICT",
+                        "this Idempotency-Key was used with a different request; "
+                        "send the same request to get the same answer, or use a new key",
+                    )
+                else:
+                    return row.response_status, row.response_body, True
+            status, body = await work(s)
+            await s.execute(
+                update(IdempotencyKey)
+                .where(IdempotencyKey.principal_id == principal_id, IdempotencyKey.key == key)
+                .values(response_status=status, response_body=body)
+            )
+            return status, body, False
+
+    async def sweep_idempotency(self) -> int:
+        async with self.sessions.begin() as s:
+            res = await s.execute(
+                delete(IdempotencyKey).where(IdempotencyKey.expires_at < self.clock.now())
+            )
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ bundles & spells
+
+    async def add_bundle(self, digest: str, size: int, account_id: str) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                self._insert(Bundle)
+                .values(
+                    digest=digest,
+                    size_bytes=size,
+                    uploaded_by=account_id,
+                    created_at=self.clock.now(),
+                )
+                .on_conflict_do_nothing(index_elements=["digest"])
+            )
+
+    async def bundle_exists(self, digest: str) -> bool:
+        async with self.reader() as s:
+            return (await s.get(Bundle, digest)) is not None
+
+    async def publish_spell(
+        self, doc: SpellDocument, *, author_id: str, doc_hash: str, price_cents: int
+    ) -> tuple[Spell, SpellVersion, bool]:
+        """Store a spell version. Returns ``(spell, version, created)``.
+
+        Re-publishing an identical version is a no-op; a different document under an existing
+        version is a 409; only the author may publish new versions of a spell.
+        """
+        now = self.clock.now()
+        dumped = doc.model_dump(mode="json", exclude_none=True)
+        try:
+            async with self.sessions.begin() as s:
+                spell = await s.get(Spell, doc.id, with_for_update=self.dialect == "postgresql")
+                if spell is not None and spell.author_id != author_id:
+                    raise AppError("FORBIDDEN", f"spell {doc.id!r} belongs to another account")
+                existing = await s.scalar(
+                    select(SpellVersion).where(
+                        SpellVersion.spell_id == doc.id, SpellVersion.version == doc.version
+                    )
+                )
+                if existing is not None:
+                    if existing.document_hash != doc_hash:
+                        raise AppError(
+                            "CONFLICT",
+                            f"{doc.id}@{doc.version} is already published with other content; "
+                            "bump `version`",
+                        )
+                    assert spell is not None
+                    return spell, existing, False
+                version = SpellVersion(
+                    spell_id=doc.id,
+                    version=doc.version,
+                    document=dumped,
+                    document_hash=doc_hash,
+                    bundle_digest=doc.execution.bundle,
+                    published_at=now,
+                )
+                tags_text = "," + ",".join(doc.tags) + ","
+                if spell is None:
+                    spell = Spell(
+                        id=doc.id,
+                        author_id=author_id,
+                        name=doc.name,
+                        description=doc.description,
+                        latest_version=doc.version,
+                        visibility=doc.visibility,
+                        tags=list(doc.tags),
+                        tags_text=tags_text,
+                        mode=doc.execution.mode,
+                        price_model=doc.pricing.model,
+                        price_cents=price_cents,
+                        currency=doc.pricing.currency,
+                        status="published",
+                        cast_count=0,
+                        published_at=now,
+                        updated_at=now,
+                    )
+                    s.add(spell)
+                    await s.flush()
+                elif semver_key(doc.version) > semver_key(spell.latest_version):
+                    spell.latest_version = doc.version
+                    spell.name = doc.name
+                    spell.description = doc.description
+                    spell.visibility = doc.visibility
+                    spell.tags = list(doc.tags)
+                    spell.tags_text = tags_text
+                    spell.mode = doc.execution.mode
+                    spell.price_model = doc.pricing.model
+                    spell.price_cents = price_cents
+                    spell.currency = doc.pricing.currency
+                    spell.updated_at = now
+                s.add(version)
+                await s.flush()
+                return spell, version, True
+        except IntegrityError:
+            # A concurrent publish of the same spell/version won the race: report it as such.
+            raise AppError(
+                "CONFLICT", f"{doc.id}@{doc.version} was published concurrently; retry"
+            ) from None
+
+    async def get_spell(
+        self, spell_id: str, version: str | None = None
+    ) -> tuple[Spell, SpellVersion] | None:
+        async with self.reader() as s:
+            spell = await s.get(Spell, spell_id)
+            if spell is None:
+                return None
+            ver = await s.scalar(
+                select(SpellVersion).where(
+                    SpellVersion.spell_id == spell_id,
+                    SpellVersion.version == (version or spell.latest_version),
+                )
+            )
+            if ver is None:
+                return None
+            return spell, ver
+
+    async def list_versions(self, spell_id: str) -> list[str]:
+        async with self.reader() as s:
+            rows = (
+                await s.scalars(
+                    select(SpellVersion.version).where(SpellVersion.spell_id == spell_id)
+                )
+            ).all()
+        return sorted(rows, key=semver_key, reverse=True)
+
+    async def search_spells(
+        self,
+        *,
+        q: str | None,
+        tag: str | None,
+        sort: str,
+        limit: int,
+        offset: int,
+        viewer_account: str | None,
+        include_own: bool,
+    ) -> list[Spell]:
+        stmt = select(Spell).where(Spell.status == "published")
+        visible = Spell.visibility == "public"
+        if include_own and viewer_account is not None:
+            visible = or_(visible, Spell.author_id == viewer_account)
+        stmt = stmt.where(visible)
+        if q:
+            like = f"%{_escape_like(q.lower())}%"
+            stmt = stmt.where(
+                or_(
+                    func.lower(Spell.name).like(like, escape="\\"),
+                    func.lower(Spell.description).like(like, escape="\\"),
+                    func.lower(Spell.id).like(like, escape="\\"),
+                    func.lower(Spell.tags_text).like(like, escape="\\"),
+                )
+            )
+        if tag:
+            stmt = stmt.where(Spell.tags_text.like(f"%,{_escape_like(tag)},%", escape="\\"))
+        if sort == "popular":
+            stmt = stmt.order_by(Spell.cast_count.desc(), Spell.id)
+        elif sort == "price":
+            stmt = stmt.order_by(Spell.price_cents.asc(), Spell.id)
+        else:
+            stmt = stmt.order_by(Spell.published_at.desc(), Spell.id)
+        stmt = stmt.limit(limit).offset(offset)
+        async with self.reader() as s:
+            return list((await s.scalars(stmt)).all())
+
+    # ------------------------------------------------------------------ budgets
+
+    async def budget(self, account_id: str, s: AsyncSession | None = None) -> BudgetView | None:
+        """The account's caps and usage; pass ``s`` to read inside an open transaction."""
+        if s is not None:
+            b = await s.get(Budget, account_id, populate_existing=True)
+            return None if b is None else _budget_view(b, month_period(self.clock.now()))
+        async with self.reader() as rs:
+            b = await rs.get(Budget, account_id)
+            return None if b is None else _budget_view(b, month_period(self.clock.now()))
+
+    async def set_caps(
+        self,
+        s: AsyncSession,
+        account_id: str,
+        *,
+        monthly: int | None,
+        total: int | None,
+        set_monthly: bool,
+        set_total: bool,
+    ) -> BudgetView:
+        values: dict[str, Any] = {"updated_at": self.clock.now()}
+        if set_monthly:
+            values["monthly_cap_cents"] = monthly
+        if set_total:
+            values["total_cap_cents"] = total
+        res = await s.execute(
+            update(Budget).where(Budget.account_id == account_id).values(**values)
+        )
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            raise AppError("NOT_FOUND", f"account {account_id!r} not found")
+        b = await s.get(Budget, account_id, populate_existing=True)
+        assert b is not None
+        return _budget_view(b, month_period(self.clock.now()))
+
+    async def reserve(self, s: AsyncSession, account_id: str, estimate: int, period: str) -> bool:
+        """Reserve ``estimate`` cents against both caps in ONE conditional statement."""
+        same = Budget.period == period
+        monthly_used = case((same, Budget.monthly_used_cents), else_=0)
+        monthly_reserved = case((same, Budget.monthly_reserved_cents), else_=0)
+        stmt = (
+            update(Budget)
+            .where(
+                Budget.account_id == account_id,
+                or_(
+                    Budget.monthly_cap_cents.is_(None),
+                    monthly_used + monthly_reserved + estimate <= Budget.monthly_cap_cents,
+                ),
+                or_(
+                    Budget.total_cap_cents.is_(None),
+                    Budget.total_used_cents + Budget.total_reserved_cents + estimate
+                    <= Budget.total_cap_cents,
+                ),
+            )
+            .values(
+                period=period,
+                monthly_used_cents=monthly_used,
+                monthly_reserved_cents=monthly_reserved + estimate,
+                total_reserved_cents=Budget.total_reserved_cents + estimate,
+                updated_at=self.clock.now(),
+            )
+            .returning(Budget.account_id)
+            .execution_options(synchronize_session=False)
+        )
+        return (await s.execute(stmt)).first() is not None
+
+    async def _unreserve(self, s: AsyncSession, cast: Cast, *, cost: int, new_state: str) -> bool:
+        """Settle (``cost`` > 0 moves into used) or release a held reservation, exactly once."""
+        flipped = await s.execute(
+            update(Cast)
+            .where(Cast.id == cast.id, Cast.reservation == "held")
+            .values(reservation=new_state)
+            .execution_options(synchronize_session=False)
+        )
+        if flipped.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        same = Budget.period == cast.reserved_period
+        est = cast.estimate_cents
+        await s.execute(
+            update(Budget)
+            .where(Budget.account_id == cast.caster_id)
+            .values(
+                monthly_reserved_cents=Budget.monthly_reserved_cents - case((same, est), else_=0),
+                monthly_used_cents=Budget.monthly_used_cents + case((same, cost), else_=0),
+                total_reserved_cents=Budget.total_reserved_cents - est,
+                total_used_cents=Budget.total_used_cents + cost,
+                updated_at=self.clock.now(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return True
+
+    # ------------------------------------------------------------------ casts
+
+    async def insert_cast(self, s: AsyncSession, cast: Cast, *, subject: str | None) -> None:
+        """Add a new cast, its first event and (for queued runs) its outbox message."""
+        s.add(cast)
+        await s.flush()
+        await s.execute(
+            update(Spell)
+            .where(Spell.id == cast.spell_id)
+            .values(cast_count=Spell.cast_count + 1)
+            .execution_options(synchronize_session=False)
+        )
+        await self.add_event(s, cast.id, "queued", {"status": "queued"})
+        if subject is not None:
+            s.add(
+                Outbox(
+                    subject=subject,
+                    msg_id=cast.id,
+                    payload={"cast_id": cast.id, "traceparent": cast.traceparent},
+                    created_at=cast.created_at,
+                )
+            )
+
+    async def add_event(
+        self, s: AsyncSession, cast_id: str, stage: str, data: dict[str, Any]
+    ) -> int:
+        seq = await s.scalar(
+            update(Cast)
+            .where(Cast.id == cast_id)
+            .values(event_seq=Cast.event_seq + 1)
+            .returning(Cast.event_seq)
+            .execution_options(synchronize_session=False)
+        )
+        assert seq is not None
+        s.add(
+            CastEvent(cast_id=cast_id, seq=seq, stage=stage, data=data, created_at=self.clock.now())
+        )
+        return int(seq)
+
+    async def append_events(
+        self, cast_id: str, events: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        async with self.sessions.begin() as s:
+            for stage, data in events:
+                await self.add_event(s, cast_id, stage, data)
+
+    async def events_after(self, cast_id: str, after: int, limit: int = 500) -> list[CastEvent]:
+        async with self.reader() as s:
+            rows = await s.scalars(
+                select(CastEvent)
+                .where(CastEvent.cast_id == cast_id, CastEvent.seq > after)
+                .order_by(CastEvent.seq)
+                .limit(limit)
+            )
+            return list(rows.all())
+
+    async def get_cast(self, cast_id: str) -> Cast | None:
+        async with self.reader() as s:
+            return await s.get(Cast, cast_id)
+
+    async def get_artifact(self, artifact_id: str) -> Artifact | None:
+        async with self.reader() as s:
+            return await s.get(Artifact, artifact_id)
+
+    async def claim(self, cast_id: str) -> Claim | None:
+        """queued → running with a new attempt number; None if someone else has it or it ended."""
+        now = self.clock.now()
+        async with self.sessions.begin() as s:
+            attempt = await s.scalar(
+                update(Cast)
+                .where(Cast.id == cast_id, Cast.status == "queued")
+                .values(status="running", attempt=Cast.attempt + 1, started_at=now)
+                .returning(Cast.attempt)
+                .execution_options(synchronize_session=False)
+            )
+            if attempt is None:
+                return None
+            await self.add_event(s, cast_id, "running", {"status": "running"})
+            cast = await s.get(Cast, cast_id, populate_existing=True)
+            assert cast is not None
+            return Claim(cast=cast, attempt=int(attempt))
+
+    async def finish(
+        self,
+        cast_id: str,
+        attempt: int,
+        *,
+        succeeded: bool,
+        cost_cents: int = 0,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        artifact: Artifact | None = None,
+        extra_event: dict[str, Any] | None = None,
+    ) -> Cast | None:
+        """End a run: status, artifact, settle or release, ledger line, final event — atomically.
+
+        Guarded by ``attempt``: a stale worker whose attempt was superseded changes nothing and
+        gets ``None``.
+        """
+        now = self.clock.now()
+        status = "succeeded" if succeeded else "failed"
+        async with self.sessions.begin() as s:
+            done = await s.execute(
+                update(Cast)
+                .where(Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running")
+                .values(
+                    status=status,
+                    finished_at=now,
+                    cost_cents=cost_cents if succeeded else 0,
+                    error_code=error_code,
+                    error_message=error_message,
+                    artifact_id=artifact.id if artifact is not None else None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            cast = await s.get(Cast, cast_id, populate_existing=True)
+            assert cast is not None
+            if artifact is not None:
+                s.add(artifact)
+            await self._close_reservation(s, cast, succeeded=succeeded, cost=cost_cents)
+            event: dict[str, Any] = {"status": status, **(extra_event or {})}
+            if succeeded:
+                event["cost_cents"] = cost_cents
+            else:
+                event["error"] = {"code": error_code, "message": error_message}
+            await self.add_event(s, cast_id, status, event)
+            await s.flush()
+            return cast
+
+    async def fail_queued(
+        self, cast_id: str, *, error_code: str, error_message: str
+    ) -> Cast | None:
+        """Fail a cast that never started (e.g. the sandbox is unavailable); releases its hold."""
+        now = self.clock.now()
+        async with self.sessions.begin() as s:
+            done = await s.execute(
+                update(Cast)
+                .where(Cast.id == cast_id, Cast.status == "queued")
+                .values(
+                    status="failed",
+                    finished_at=now,
+                    cost_cents=0,
+                    error_code=error_code,
+                    error_message=error_message,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            cast = await s.get(Cast, cast_id, populate_existing=True)
+            assert cast is not None
+            await self._close_reservation(s, cast, succeeded=False, cost=0)
+            await self.add_event(
+                s,
+                cast_id,
+                "failed",
+                {"status": "failed", "error": {"code": error_code, "message": error_message}},
+            )
+            return cast
+
+    async def _close_reservation(
+        self, s: AsyncSession, cast: Cast, *, succeeded: bool, cost: int
+    ) -> None:
+        if succeeded:
+            cost = min(cost, cast.estimate_cents)
+            await self._unreserve(s, cast, cost=cost, new_state="settled")
+            if cost > 0:
+                s.add(
+                    LedgerLine(
+                        cast_id=cast.id,
+                        account_id=cast.caster_id,
+                        kind="charge",
+                        amount_cents=cost,
+                        currency=cast.currency,
+                        method="ledger",
+                        idempotency_ref=f"cast:{cast.id}:charge",
+                        created_at=self.clock.now(),
+                    )
+                )
+        else:
+            await self._unreserve(s, cast, cost=0, new_state="released")
+
+    async def requeue_running(self) -> list[str]:
+        """After a restart of the embedded worker: runs left ``running`` go back to ``queued``."""
+        async with self.sessions.begin() as s:
+            ids = list(
+                (
+                    await s.scalars(
+                        update(Cast)
+                        .where(Cast.status == "running", Cast.mode == "service")
+                        .values(status="queued")
+                        .returning(Cast.id)
+                        .execution_options(synchronize_session=False)
+                    )
+                ).all()
+            )
+            for cid in ids:
+                await self.add_event(s, cid, "requeued", {"status": "queued", "reason": "restart"})
+                await s.execute(
+                    update(Outbox)
+                    .where(Outbox.msg_id == cid)
+                    .values(sent_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+            return ids
+
+    # ------------------------------------------------------------------ outbox
+
+    async def unsent_outbox(self, limit: int = 100) -> list[Outbox]:
+        async with self.reader() as s:
+            rows = await s.scalars(
+                select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
+            )
+            return list(rows.all())
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Outbox)
+                .where(Outbox.id.in_(list(ids)))
+                .values(sent_at=self.clock.now())
+                .execution_options(synchronize_session=False)
+            )
+
+    # ------------------------------------------------------------------ ledger & audit pointer
+
+    async def ledger_lines(self, account_id: str) -> list[LedgerLine]:
+        async with self.reader() as s:
+            rows = await s.scalars(
+                select(LedgerLine)
+                .where(LedgerLine.account_id == account_id)
+                .order_by(LedgerLine.id)
+            )
+            return list(rows.all())
+
+    async def count_casts(self, **filters: Any) -> int:
+        conds = [getattr(Cast, k) == v for k, v in filters.items()]
+        async with self.reader() as s:
+            return int(
+                await s.scalar(select(func.count()).select_from(Cast).where(and_(true(), *conds)))
+                or 0
+            )
+
+    async def set_audit_head(self, log: str, seq: int, digest: str) -> None:
+        now = self.clock.now()
+        async with self.sessions.begin() as s:
+            stmt = self._insert(AuditPointer).values(log=log, seq=seq, hash=digest, updated_at=now)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["log"],
+                set_={"seq": seq, "hash": digest, "updated_at": now},
+                where=AuditPointer.seq < seq,
+            )
+            await s.execute(stmt)
+
+    async def audit_head(self, log: str) -> tuple[int, str] | None:
+        async with self.reader() as s:
+            row = await s.get(AuditPointer, log)
+            return None if row is None else (row.seq, row.hash)
+
+
+def _budget_view(b: Budget, period: str) -> BudgetView:
+    same = b.period == period
+    return BudgetView(
+        account_id=b.account_id,
+        period=period,
+        monthly=CapView(
+            cap_cents=b.monthly_cap_cents,
+            used_cents=b.monthly_used_cents if same else 0,
+            reserved_cents=b.monthly_reserved_cents if same else 0,
+        ),
+        total=CapView(
+            cap_cents=b.total_cap_cents,
+            used_cents=b.total_used_cents,
+            reserved_cents=b.total_reserved_cents,
+        ),
+    )
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

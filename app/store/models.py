@@ -1,0 +1,255 @@
+"""The ledger schema (SPEC §14 plus what the platform needs). SQLAlchemy 2 typed models.
+
+Money is integer cents + ISO currency; times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on SQLite (which stores naive text) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use timezone-aware UTC")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+TZ = UTCDateTime()
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Principal(Base):
+    """Who acts: one per (account, role). Idempotency keys and rate limits are per principal."""
+
+    __tablename__ = "principals"
+    __table_args__ = (UniqueConstraint("account_id", "role"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class IssuedToken(Base):
+    """Every bearer token issued (by id, never the token itself), so it can be revoked."""
+
+    __tablename__ = "tokens"
+    jti: Mapped[str] = mapped_column(String(40), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id", ondelete="CASCADE"))
+    issued_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime] = mapped_column(TZ)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class Spell(Base):
+    __tablename__ = "spells"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    author_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text, default="")
+    latest_version: Mapped[str] = mapped_column(String(64))
+    visibility: Mapped[str] = mapped_column(String(16))
+    tags: Mapped[list[Any]] = mapped_column(JSON)
+    tags_text: Mapped[str] = mapped_column(String(600), default=",")
+    mode: Mapped[str] = mapped_column(String(16))
+    price_model: Mapped[str] = mapped_column(String(16))
+    price_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="published")
+    cast_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    published_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class SpellVersion(Base):
+    __tablename__ = "spell_versions"
+    __table_args__ = (UniqueConstraint("spell_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    spell_id: Mapped[str] = mapped_column(ForeignKey("spells.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(64))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    document_hash: Mapped[str] = mapped_column(String(80))
+    bundle_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    published_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Bundle(Base):
+    __tablename__ = "bundles"
+    digest: Mapped[str] = mapped_column(String(80), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    uploaded_by: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Cast(Base):
+    __tablename__ = "casts"
+    __table_args__ = (
+        Index("ix_casts_account_created", "caster_id", "created_at"),
+        Index("ix_casts_status", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    spell_id: Mapped[str] = mapped_column(ForeignKey("spells.id", ondelete="RESTRICT"))
+    spell_version: Mapped[str] = mapped_column(String(64))
+    caster_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    principal_id: Mapped[str] = mapped_column(String(40))
+    input_hash: Mapped[str] = mapped_column(String(80))
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    currency: Mapped[str] = mapped_column(String(3))
+    estimate_cents: Mapped[int] = mapped_column(BigInteger)
+    cost_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reservation: Mapped[str] = mapped_column(String(16))  # held | settled | released | none
+    reserved_period: Mapped[str] = mapped_column(String(7))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    run_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    artifact_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    traceparent: Mapped[str | None] = mapped_column(String(55), nullable=True)
+    region: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    started_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class CastEvent(Base):
+    """Progress of a cast, in order; the SSE stream replays these (``id`` = ``seq``)."""
+
+    __tablename__ = "cast_events"
+    __table_args__ = (UniqueConstraint("cast_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cast_id: Mapped[str] = mapped_column(ForeignKey("casts.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    cast_id: Mapped[str] = mapped_column(ForeignKey("casts.id", ondelete="CASCADE"))
+    location: Mapped[str] = mapped_column(String(2000))
+    digest: Mapped[str] = mapped_column(String(80))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class LedgerLine(Base):
+    """billing_ledger: one line per money movement (charge, refund, credit)."""
+
+    __tablename__ = "billing_ledger"
+    __table_args__ = (UniqueConstraint("idempotency_ref"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    cast_id: Mapped[str | None] = mapped_column(
+        ForeignKey("casts.id", ondelete="RESTRICT"), nullable=True
+    )
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))  # charge | refund | credit
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    method: Mapped[str] = mapped_column(String(32))  # ledger | stripe_pi | stripe_invoice | ...
+    refund_ref: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    idempotency_ref: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Budget(Base):
+    """Budget caps and usage of one account. Reservations are single conditional UPDATEs."""
+
+    __tablename__ = "budgets"
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    monthly_cap_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    total_cap_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    period: Mapped[str] = mapped_column(String(7))
+    monthly_used_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    monthly_reserved_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_used_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_reserved_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+    principal_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response_status: Mapped[int] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    expires_at: Mapped[datetime] = mapped_column(TZ, index=True)
+
+
+class Outbox(Base):
+    """Messages to publish, written in the same transaction as the state they announce."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    msg_id: Mapped[str] = mapped_column(String(80), unique=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    sent_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True, index=True)
+
+
+class AuditPointer(Base):
+    """The head of the audit log (seq, hash): verify detects a truncated tail against it."""
+
+    __tablename__ = "audit_pointers"
+    log: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(TZ)

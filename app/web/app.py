@@ -1,0 +1,184 @@
+"""The aiohttp application factory: wires settings and adapters into one process.
+
+``create_app(settings, overrides=...)`` is what ``spell serve`` runs and what tests build with
+fakes. Resources are opened in cleanup contexts so teardown only runs for what was set up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from app.artifacts.local import LocalArtifactStore
+from app.bus.memory import MemoryQueue
+from app.config import Settings
+from app.domain.ratelimit import RateLimiter
+from app.observability.metrics import Metrics
+from app.runner.sandbox import Sandbox, SandboxUnavailable, detect_sandbox
+from app.services.events import EventHub
+from app.services.platform import Platform, PlatformConfig
+from app.services.ports import ArtifactStore, Clock, Queue, SystemClock
+from app.store.auditlog import AuditLog
+from app.store.db import make_engine, upgrade
+from app.store.ledger import SqlLedger
+from app.web.keys import (
+    CONSUMER,
+    LEDGER,
+    LIMITER,
+    METRICS,
+    PLATFORM,
+    QUEUE,
+    RELAY,
+    SANDBOX_STATE,
+    SETTINGS,
+)
+from app.web.middlewares import authenticate_and_limit, envelope
+from app.web.routes import routes
+from app.worker.consumer import OutboxRelay, RunConsumer
+from app.worker.runs import RunExecutor, RunnerConfig
+
+log = logging.getLogger("spell.app")
+
+AUDIT_LOG = "main"
+
+
+@dataclass
+class Overrides:
+    """Test seams: replace an adapter, or keep the in-process worker from starting."""
+
+    clock: Clock | None = None
+    sandbox: Sandbox | None = None
+    queue: Queue | None = None
+    artifacts: ArtifactStore | None = None
+    run_worker: bool = True
+    migrate: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
+    ov = overrides or Overrides()
+    app = web.Application(
+        middlewares=[envelope, authenticate_and_limit],
+        client_max_size=settings.max_bundle_bytes + 1024,
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIMITER] = RateLimiter(settings.rate_limit_burst, settings.rate_limit_per_sec)
+    app[SANDBOX_STATE] = {"ready": False, "reason": "not probed yet", "name": None}
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_platform_ctx(ov))
+    return app
+
+
+def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        settings.ensure_data_dir()
+        key = settings.signing_key()
+        clock = ov.clock or SystemClock()
+        engine = make_engine(settings.sqlalchemy_url)
+        if ov.migrate:
+            await upgrade(engine)
+        ledger = SqlLedger(engine, clock, idempotency_ttl=settings.idempotency_ttl)
+        audit = AuditLog(
+            settings.data_dir / "audit" / "audit.jsonl",
+            on_head=lambda seq, h: ledger.set_audit_head(AUDIT_LOG, seq, h),
+        )
+        await audit.start()
+        queue = ov.queue or MemoryQueue()
+        relay = OutboxRelay(ledger, queue)
+        state = app[SANDBOX_STATE]
+        sandbox = await _sandbox(settings, ov, state)
+        platform = Platform(
+            config=PlatformConfig(
+                signing_key=key,
+                artifact_ttl=settings.artifact_ttl,
+                token_ttl=settings.token_ttl,
+                default_monthly_cap_cents=settings.default_monthly_cap_cents,
+                default_total_cap_cents=settings.default_total_cap_cents,
+            ),
+            ledger=ledger,
+            audit=audit,
+            artifacts=ov.artifacts or LocalArtifactStore(settings.data_dir / "artifacts"),
+            clock=clock,
+            hub=EventHub(),
+            metrics=app[METRICS],
+            sandbox_ready=lambda: None if state["ready"] else str(state["reason"]),
+            kick_outbox=relay.kick,
+        )
+        app[LEDGER] = ledger
+        app[PLATFORM] = platform
+        app[QUEUE] = queue
+        app[RELAY] = relay
+        tasks: list[asyncio.Task[None]] = []
+        if ov.run_worker:
+            requeued = await ledger.requeue_running()
+            if requeued:
+                log.warning("requeued %d casts left running by a previous process", len(requeued))
+            tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+            if sandbox is not None:
+                executor = RunExecutor(
+                    platform=platform,
+                    sandbox=sandbox,
+                    config=RunnerConfig(
+                        data_dir=settings.data_dir,
+                        max_output_bytes=settings.max_output_bytes,
+                        artifact_ttl=settings.artifact_ttl,
+                        sandbox_uid=settings.sandbox_uid,
+                    ),
+                )
+                consumer = RunConsumer(queue, executor, concurrency=settings.workers)
+                app[CONSUMER] = consumer
+                tasks.append(asyncio.create_task(consumer.run(), name="run-consumer"))
+            tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await queue.close()
+            await audit.close()
+            await engine.dispose()
+
+    return ctx
+
+
+async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> Sandbox | None:
+    """Probe the sandbox once at start; service runs are refused (fail closed) if it fails."""
+    try:
+        sandbox = ov.sandbox or detect_sandbox(
+            uid=settings.sandbox_uid, allow_unsafe=settings.unsafe_no_sandbox
+        )
+        await sandbox.probe()
+    except SandboxUnavailable as e:
+        state.update(ready=False, reason=str(e), name=None)
+        log.error("sandbox unavailable, service runs are refused: %s", e)
+        return None
+    state.update(ready=True, reason=None, name=sandbox.name)
+    if sandbox.name == "unsafe-subprocess":
+        log.warning(
+            "SPELL_UNSAFE_NO_SANDBOX=1: spells run WITHOUT isolation. Local development only!"
+        )
+    return sandbox
+
+
+async def _sweeper(ledger: SqlLedger, every: float = 3600.0) -> None:
+    while True:
+        try:
+            n = await ledger.sweep_idempotency()
+            if n:
+                log.info("swept %d expired idempotency keys", n)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("idempotency sweep failed")
+        await asyncio.sleep(every)

@@ -1,0 +1,29 @@
+"""Typed application state keys (aiohttp ``AppKey``), all in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.config import Settings
+from app.domain.ratelimit import RateLimiter
+from app.observability.metrics import Metrics
+from app.services.platform import Platform
+from app.services.ports import Queue
+from app.store.ledger import SqlLedger
+from app.worker.consumer import OutboxRelay, RunConsumer
+
+SETTINGS = web.AppKey("settings", Settings)
+PLATFORM = web.AppKey("platform", Platform)
+LEDGER = web.AppKey("ledger", SqlLedger)
+METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("limiter", RateLimiter)
+QUEUE = web.AppKey("queue", Queue)
+RELAY = web.AppKey("relay", OutboxRelay)
+CONSUMER = web.AppKey("consumer", RunConsumer)
+SANDBOX_STATE = web.AppKey("sandbox_state", dict)
+
+# Per-request state
+TRACEPARENT = web.RequestKey("traceparent", str)
+CALLER = web.RequestKey("caller", object)  # Caller | None
+AUTH_ERROR = web.RequestKey("auth_error", object)  # AppError | None
+RATELIMIT_HEADERS = web.RequestKey("ratelimit_headers", dict)

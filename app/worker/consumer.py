@@ -1,0 +1,117 @@
+"""Background loops of a process: the outbox relay and the run-request consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from app.services.ports import Message, Queue
+from app.store.ledger import SqlLedger
+from app.worker.runs import RunExecutor
+
+log = logging.getLogger("spell.worker")
+
+
+class OutboxRelay:
+    """Publishes outbox rows (written with the cast in one transaction), then marks them sent.
+
+    ``msg_id`` is the cast id, so a row published twice (crash between publish and mark) is
+    dropped by the queue's duplicate window; the claim step guards against anything older.
+    """
+
+    def __init__(self, ledger: SqlLedger, queue: Queue, *, poll_interval: float = 1.0) -> None:
+        self.ledger = ledger
+        self.queue = queue
+        self.poll_interval = poll_interval
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def relay_once(self) -> int:
+        rows = await self.ledger.unsent_outbox()
+        sent: list[int] = []
+        for row in rows:
+            headers = {}
+            tp = row.payload.get("traceparent")
+            if tp:
+                headers["traceparent"] = str(tp)
+            await self.queue.publish(row.subject, row.payload, msg_id=row.msg_id, headers=headers)
+            sent.append(row.id)
+        await self.ledger.mark_sent(sent)
+        return len(sent)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                n = await self.relay_once()
+                if n:
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay failed; retrying")
+                await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.poll_interval)
+            self._kick.clear()
+
+
+class RunConsumer:
+    """N concurrent runners pulling run requests; heartbeat while running; ack after commit."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        executor: RunExecutor,
+        *,
+        concurrency: int,
+        heartbeat_every: float = 10.0,
+    ) -> None:
+        self.queue = queue
+        self.executor = executor
+        self.concurrency = concurrency
+        self.heartbeat_every = heartbeat_every
+        self.busy = 0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(self.concurrency):
+                tg.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                msgs = await self.queue.fetch(1, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetching run requests failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self.handle(msg)
+
+    async def handle(self, msg: Message) -> None:
+        cast_id = str(msg.payload.get("cast_id", ""))
+        self.busy += 1
+        beat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            await self.executor.execute(cast_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run request for cast %s failed; it will be delivered again", cast_id)
+            beat.cancel()
+            await msg.nak(delay=2.0)
+            return
+        finally:
+            self.busy -= 1
+            beat.cancel()
+        await msg.ack()
+
+    async def _heartbeat(self, msg: Message) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            await msg.in_progress()

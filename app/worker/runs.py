@@ -1,0 +1,300 @@
+"""Execute one queued service-mode cast in the sandbox and record the outcome.
+
+claim (queued → running, attempt + 1) → extract bundle → run sandboxed → zip ``SPELL_OUT`` →
+store artifact → settle (success) or release (failure) → audit → metrics. Every exit path ends the
+cast and frees its reservation; a stale attempt changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from app.domain.pricing import Usage, actual_cents
+from app.domain.spells import SpellDocument
+from app.runner.bundle import extract_bundle, zip_output
+from app.runner.sandbox import Sandbox, SandboxResult, SandboxSpec
+from app.services.platform import Platform
+from app.store.ledger import new_id
+from app.store.models import Artifact, Cast
+
+log = logging.getLogger("spell.worker")
+
+MAX_LOG_EVENTS = 1000
+PY = "/usr/bin/python3"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    data_dir: Path
+    max_output_bytes: int
+    artifact_ttl: int
+    sandbox_uid: int
+
+
+def build_argv(entrypoint: str) -> list[str]:
+    """The command for an ``entrypoint`` (run with cwd = the bundle folder).
+
+    ``main.py`` and ``python3 main.py`` run with the system interpreter in isolated mode
+    (``-I -S``: no site-packages, no user paths); other relative programs run as ``./prog``.
+    """
+    parts = shlex.split(entrypoint)
+    if not parts:
+        raise ValueError("empty entrypoint")
+    head, rest = parts[0], parts[1:]
+    if head in ("python", "python3"):
+        return [PY, "-I", "-S", *rest]
+    if head.endswith(".py"):
+        return [PY, "-I", "-S", head, *rest]
+    if "/" not in head:
+        return ["./" + head, *rest]
+    return parts
+
+
+def failure_of(result: SandboxResult, doc: SpellDocument) -> tuple[str, str]:
+    """Map a sandbox outcome to the cast's error code and a message for the caster."""
+    ex = doc.execution
+    if result.outcome in ("timeout", "cpu"):
+        return "TIMEOUT", f"the run exceeded its time limit (timeout_sec={ex.timeout_sec})"
+    if result.outcome == "memory":
+        return "MEMORY_LIMIT", f"the run exceeded its memory limit (memory_mb={ex.memory_mb})"
+    if result.outcome == "output_too_large":
+        return "OUTPUT_TOO_LARGE", "the run wrote more output than the platform allows"
+    if result.outcome == "killed":
+        return "INTERNAL", "the run was killed by the platform"
+    tail = [ln for ln in result.stderr_tail.strip().splitlines() if ln.strip()]
+    last = tail[-1][:300] if tail else "no error output"
+    return "SPELL_FAILED", f"the spell exited with status {result.exit_code}: {last}"
+
+
+class RunExecutor:
+    def __init__(self, *, platform: Platform, sandbox: Sandbox, config: RunnerConfig) -> None:
+        self.platform = platform
+        self.ledger = platform.ledger
+        self.sandbox = sandbox
+        self.config = config
+        self.bundles_dir = config.data_dir / "bundles"
+        self.runs_dir = config.data_dir / "runs"
+
+    async def execute(self, cast_id: str) -> None:
+        claim = await self.ledger.claim(cast_id)
+        if claim is None:
+            log.info("cast %s is not queued any more; nothing to do", cast_id)
+            return
+        cast, attempt = claim.cast, claim.attempt
+        self.platform.hub.notify(cast_id)
+        await self.platform.audit.append(
+            "cast.running",
+            actor="worker",
+            cast_id=cast_id,
+            input_hash=cast.input_hash,
+            traceparent=cast.traceparent,
+            data={"attempt": attempt},
+        )
+        run_dir = self.runs_dir / f"{cast_id}-{attempt}"
+        try:
+            await self._run(cast, attempt, run_dir)
+        except Exception:
+            log.exception("cast %s attempt %d failed inside the platform", cast_id, attempt)
+            await self._finish(
+                cast,
+                attempt,
+                succeeded=False,
+                code="INTERNAL",
+                message="the platform failed while running this cast; nothing was charged",
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+
+    async def _run(self, cast: Cast, attempt: int, run_dir: Path) -> None:
+        found = await self.ledger.get_spell(cast.spell_id, cast.spell_version)
+        if found is None:
+            raise RuntimeError(f"spell {cast.spell_id}@{cast.spell_version} vanished")
+        doc = SpellDocument.model_validate(found[1].document)
+        ex = doc.execution
+        assert ex.bundle is not None and ex.entrypoint is not None
+        bundle_dir = await asyncio.to_thread(extract_bundle, ex.bundle, self.bundles_dir)
+        input_path, out_dir = await asyncio.to_thread(self._prepare, run_dir, cast.input or {})
+        lines = _LineSink(self, cast.id)
+        spec = SandboxSpec(
+            bundle_dir=bundle_dir,
+            argv=build_argv(ex.entrypoint),
+            input_path=input_path,
+            out_dir=out_dir,
+            timeout_sec=float(ex.timeout_sec),
+            memory_mb=ex.memory_mb,
+            max_output_bytes=self.config.max_output_bytes,
+            env={
+                "SPELL_CAST_ID": cast.id,
+                "SPELL_ID": cast.spell_id,
+                "SPELL_VERSION": cast.spell_version,
+                "TRACEPARENT": cast.traceparent or "",
+            },
+        )
+        result = await self.sandbox.run(spec, lines.on_line)
+        await lines.flush()
+        if result.outcome != "ok":
+            code, message = failure_of(result, doc)
+            await self._finish(
+                cast,
+                attempt,
+                succeeded=False,
+                code=code,
+                message=message,
+                extra={"duration_ms": result.duration_ms, "exit_code": result.exit_code},
+            )
+            return
+        digest, size, zip_path = await asyncio.to_thread(zip_output, out_dir, run_dir)
+        art_id = new_id("a")
+        location = await self.platform.artifacts.put(art_id, zip_path, digest=digest)
+        now = self.platform.clock.now()
+        artifact = Artifact(
+            id=art_id,
+            cast_id=cast.id,
+            location=location,
+            digest=digest,
+            size_bytes=size,
+            created_at=now,
+            expires_at=now + timedelta(seconds=self.config.artifact_ttl),
+        )
+        cost = actual_cents(
+            doc.pricing, Usage(compute_ms=result.duration_ms, egress_bytes=result.output_bytes)
+        )
+        await self._finish(
+            cast,
+            attempt,
+            succeeded=True,
+            cost=cost,
+            artifact=artifact,
+            extra={"duration_ms": result.duration_ms, "artifact_digest": digest},
+        )
+
+    def _prepare(self, run_dir: Path, payload: dict[str, Any]) -> tuple[Path, Path]:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        out_dir = run_dir / "out"
+        out_dir.mkdir()
+        input_path = run_dir / "input.json"
+        input_path.write_text(json.dumps(payload))
+        os.chmod(run_dir, 0o755)  # noqa: S103 - the sandbox uid must traverse it
+        os.chmod(input_path, 0o644)
+        if os.geteuid() == 0:
+            os.chown(out_dir, self.config.sandbox_uid, self.config.sandbox_uid)
+        return input_path, out_dir
+
+    async def _finish(
+        self,
+        cast: Cast,
+        attempt: int,
+        *,
+        succeeded: bool,
+        cost: int = 0,
+        code: str | None = None,
+        message: str | None = None,
+        artifact: Artifact | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        done = await self.ledger.finish(
+            cast.id,
+            attempt,
+            succeeded=succeeded,
+            cost_cents=cost,
+            error_code=code,
+            error_message=message,
+            artifact=artifact,
+            extra_event=extra,
+        )
+        if done is None:
+            log.warning("cast %s attempt %d was superseded; result dropped", cast.id, attempt)
+            if artifact is not None:
+                await self.platform.artifacts.delete(artifact.location)
+            return
+        self.platform.hub.notify(cast.id)
+        status = "succeeded" if succeeded else "failed"
+        charged = min(cost, done.estimate_cents) if succeeded else 0
+        await self.platform.audit.append(
+            f"cast.{status}",
+            actor="worker",
+            cast_id=cast.id,
+            input_hash=cast.input_hash,
+            amount_cents=charged,
+            currency=cast.currency,
+            traceparent=cast.traceparent,
+            data={
+                "attempt": attempt,
+                "released_cents": done.estimate_cents - charged,
+                **({"error": {"code": code, "message": message}} if code else {}),
+                **({"artifact_digest": artifact.digest} if artifact else {}),
+            },
+        )
+        if charged > 0:
+            await self.platform.audit.append(
+                "ledger.charge",
+                actor="worker",
+                cast_id=cast.id,
+                amount_cents=charged,
+                currency=cast.currency,
+                traceparent=cast.traceparent,
+                data={"account": cast.caster_id, "method": "ledger"},
+            )
+        m = self.platform.metrics
+        m.cast_count.labels(status=status).inc()
+        if done.finished_at is not None:
+            ms = (done.finished_at - done.created_at).total_seconds() * 1000
+            m.cast_latency_ms.observe(ms)
+        if code:
+            m.errors_by_code.labels(code=code).inc()
+
+
+class _LineSink:
+    """Turns a run's output lines into cast events, batched, bounded in number."""
+
+    def __init__(self, executor: RunExecutor, cast_id: str) -> None:
+        self.executor = executor
+        self.cast_id = cast_id
+        self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.count = 0
+        self.last_flush = time.monotonic()
+
+    async def on_line(self, stream: str, line: str) -> None:
+        if self.count >= MAX_LOG_EVENTS:
+            return
+        self.count += 1
+        event = parse_progress(line) if stream == "stdout" else None
+        if event is not None:
+            self.pending.append(("progress", event))
+        else:
+            self.pending.append(("log", {"stream": stream, "line": line[:2000]}))
+        if len(self.pending) >= 50 or time.monotonic() - self.last_flush > 0.2:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        self.last_flush = time.monotonic()
+        await self.executor.ledger.append_events(self.cast_id, batch)
+        self.executor.platform.hub.notify(self.cast_id)
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    """``::progress 40 halfway there`` → ``{"pct": 40, "message": "halfway there"}``."""
+    if not line.startswith("::progress"):
+        return None
+    rest = line[len("::progress") :].strip()
+    pct_s, _, message = rest.partition(" ")
+    try:
+        pct = max(0, min(100, int(float(pct_s))))
+    except ValueError:
+        return {"message": rest[:500]}
+    return {"pct": pct, "message": message.strip()[:500]}
