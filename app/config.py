@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         validation_alias="SPELL_SANDBOX_UID",
         description="Unprivileged host uid/gid the sandbox drops to when started as root.",
     )
+    sandbox_uid_pool: str = Field(
+        default="",
+        validation_alias="SPELL_SANDBOX_UID_POOL",
+        description="Host uids for concurrent sandboxes, e.g. 200000-200063 (one per run).",
+        pattern=r"^(\d+-\d+)?$",
+    )
     log_level: str = Field(default="INFO", validation_alias="SPELL_LOG_LEVEL")
     idempotency_ttl: int = Field(
         default=24 * 3600,
@@ -123,6 +129,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    def uid_pool(self) -> range:
+        if not self.sandbox_uid_pool:
+            return range(0)
+        lo, hi = (int(x) for x in self.sandbox_uid_pool.split("-"))
+        return range(lo, hi + 1)
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -8,7 +8,8 @@ Three ways of running the same ``/usr/bin/python3 -I -S -c ...`` that writes one
 * ``unsafe``  UnsafeSubprocessSandbox.run: rlimits, setpriv when root, watchdog, line streaming;
 * ``bwrap``   BwrapSandbox.run: the same plus setpriv + bubblewrap namespaces and mounts.
 
-Each is measured end to end (spawn to reaped) after 3 warm-up runs; prints median and p95.
+Each is measured end to end (spawn to reaped), interleaved round-robin after 3 warm-up rounds
+so that load from other processes affects all modes alike; prints median and p95.
 """
 
 from __future__ import annotations
@@ -53,14 +54,19 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
-async def time_runs(n: int, once: Callable[[], Awaitable[None]]) -> list[float]:
+async def time_interleaved(
+    n: int, modes: dict[str, Callable[[], Awaitable[None]]]
+) -> dict[str, list[float]]:
+    """Round-robin over the modes, so load from other processes hits them all alike."""
     for _ in range(WARMUP):
-        await once()
-    samples = []
+        for once in modes.values():
+            await once()
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(n):
-        start = time.perf_counter()
-        await once()
-        samples.append((time.perf_counter() - start) * 1000)
+        for mode, once in modes.items():
+            start = time.perf_counter()
+            await once()
+            samples[mode].append((time.perf_counter() - start) * 1000)
     return samples
 
 
@@ -114,11 +120,9 @@ async def main(n: int) -> None:
 
     logging.getLogger("spell.sandbox").setLevel(logging.ERROR)  # the unsafe run warns each time
     try:
-        results = {
-            "plain": await time_runs(n, plain),
-            "unsafe": await time_runs(n, unsupervised),
-            "bwrap": await time_runs(n, sandboxed),
-        }
+        results = await time_interleaved(
+            n, {"plain": plain, "unsafe": unsupervised, "bwrap": sandboxed}
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -126,8 +130,9 @@ async def main(n: int) -> None:
         ["bwrap", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
     print(
-        f"# n={n} after {WARMUP} warm-up runs; {bwrap_version}; {platform.platform()}; "
-        f"{os.cpu_count()} CPUs; runner uid {os.geteuid()}"
+        f"# n={n} per mode, interleaved, after {WARMUP} warm-up rounds; {bwrap_version}; "
+        f"{platform.platform()}; {os.cpu_count()} CPUs; runner uid {os.geteuid()}; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     print(f"{'mode':<8} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'max ms':>8}")
     summary: dict[str, dict[str, float]] = {}
@@ -145,7 +150,7 @@ async def main(n: int) -> None:
         )
     diff_median = summary["bwrap"]["median_ms"] - summary["plain"]["median_ms"]
     diff_p95 = summary["bwrap"]["p95_ms"] - summary["plain"]["p95_ms"]
-    print(f"bwrap - plain: median +{diff_median:.2f} ms, p95 +{diff_p95:.2f} ms")
+    print(f"bwrap - plain: median {diff_median:+.2f} ms, p95 {diff_p95:+.2f} ms")
     print(json.dumps({"n": n, "results": summary}))
 
 

@@ -276,7 +276,7 @@ class FrozenClock:
         self.current += timedelta(seconds=seconds)
 
 
-def make_tar(members: dict[str, bytes | None], path: Path) -> bytes:
+def make_tar(members: dict[str, bytes | None]) -> bytes:
     """Build a tar.gz by hand (for hostile-bundle tests); None makes a symlink to /etc/passwd."""
     import io
 

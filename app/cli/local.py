@@ -8,18 +8,22 @@ directory is the operator.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import fcntl
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.artifacts.local import LocalArtifactStore
 from app.config import Settings
+from app.domain.audit import VerifyResult, verify_lines
 from app.observability.metrics import Metrics
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import SystemClock
-from app.store.auditlog import AuditLog
+from app.store.auditlog import AuditLog, verify_file
 from app.store.db import make_engine, upgrade
 from app.store.ledger import SqlLedger
 
@@ -100,3 +104,34 @@ async def read_audit_head(settings: Settings) -> tuple[int, str] | None:
         return None
     async with local_engine(settings, migrate=False) as engine:
         return await SqlLedger(engine, SystemClock()).audit_head(AUDIT_LOG)
+
+
+def verify_snapshot(path: Path, *, expected_head: tuple[int, str] | None) -> VerifyResult:
+    """:func:`~app.store.auditlog.verify_file` on the log as it was at one instant.
+
+    A server may be appending while we read: its writes happen under an exclusive ``flock``, so
+    the size read under a shared lock ends on a whole record. Only those bytes are checked, and
+    writers are held up for no longer than one ``fstat``.
+    """
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return verify_file(path, expected_head=expected_head)
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        try:
+            size = os.fstat(fh.fileno()).st_size
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return verify_lines(_lines_upto(fh, size), expected_head=expected_head)
+
+
+def _lines_upto(fh: BinaryIO, size: int) -> Iterator[str]:
+    left = size
+    for raw in fh:
+        if left <= 0:
+            return
+        chunk = raw[:left]
+        left -= len(chunk)
+        # Undecodable bytes become U+FFFD and then fail that line's hash (as verify_file does).
+        yield chunk.decode("utf-8", errors="replace")

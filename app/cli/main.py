@@ -442,8 +442,7 @@ def audit() -> None:
 @click.pass_context
 def audit_verify(ctx: click.Context, file_: Path | None, use_ledger: bool) -> None:
     """Check the audit log's hash chain; exit 1 and name the first bad line if it was altered."""
-    from app.cli.local import audit_path, read_audit_head
-    from app.store.auditlog import verify_file
+    from app.cli.local import audit_path, read_audit_head, verify_snapshot
 
     settings = Settings()
     default = audit_path(settings)
@@ -451,14 +450,14 @@ def audit_verify(ctx: click.Context, file_: Path | None, use_ledger: bool) -> No
     head: tuple[int, str] | None = None
     if use_ledger and path.resolve() == default.resolve():
         try:
-            head = run_async(read_audit_head(settings))
+            head = run_async(asyncio.wait_for(read_audit_head(settings), 15))
         except Exception as e:
             click.echo(
                 f"note: cannot read the ledger's audit head ({type(e).__name__}); "
                 "checking the chain only",
                 err=True,
             )
-    result = verify_file(path, expected_head=head)
+    result = verify_snapshot(path, expected_head=head)
     if result.ok:
         against = f", matches the ledger head (seq {head[0]})" if head else ""
         click.echo(f"ok: {result.lines} records, head seq {result.head_seq or 0}{against}")

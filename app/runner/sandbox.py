@@ -346,7 +346,7 @@ def _prepare_paths(spec: SandboxSpec, uid: int | None) -> tuple[Path, Path, Path
     out_dir = spec.out_dir.resolve(strict=True)
     if uid is not None:
         os.chown(out_dir, uid, uid)
-        out_dir.chmod(0o755)
+        out_dir.chmod(0o700)
         _require_access(bundle_dir, uid, uid, 5, "bundle_dir")
         _require_access(input_path, uid, uid, 4, "input_path")
         _require_access(out_dir, uid, uid, 7, "out_dir")

@@ -595,7 +595,8 @@ class SpellClient:
         for event in self.events(cast_id, deadline=deadline):
             if on_event is not None:
                 on_event(event)
-        return self.get_cast(cast_id)
+        # The stream just worked: ride out a brief outage (a restart) for the final status.
+        return self._call("GET", f"/v1/casts/{_seg(cast_id)}", retries=5)
 
     # ------------------------------------------------------------------ billing
 

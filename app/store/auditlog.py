@@ -44,7 +44,8 @@ __all__ = ["AuditLog", "AuditLogCorrupt", "read_head", "verify_file"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 64 * 1024
+_FIRST_CHUNK = 4096  # a record is a few hundred bytes; longer lines double the chunk
+_MAX_CHUNK = 1 << 20
 
 OnHead = Callable[[int, str], Awaitable[None]]
 
@@ -76,8 +77,10 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes]:
         end -= 1
     parts: list[bytes] = []
     pos = end
+    chunk_size = _FIRST_CHUNK
     while pos > 0:
-        start = max(0, pos - _CHUNK)
+        start = max(0, pos - chunk_size)
+        chunk_size = min(chunk_size * 2, _MAX_CHUNK)
         chunk = os.pread(fd, pos - start, start)
         cut = chunk.rfind(b"\n")
         if cut >= 0:
@@ -256,13 +259,14 @@ class AuditLog:
 
     async def _run(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            if not self._pending:
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
             batch, self._pending = self._pending, []
-            if batch:
-                await self._commit(batch)
-            elif self._closing:
-                return
+            await self._commit(batch)
 
     async def _commit(self, batch: list[_Entry]) -> None:
         try:

@@ -156,7 +156,9 @@ async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> 
     """Probe the sandbox once at start; service runs are refused (fail closed) if it fails."""
     try:
         sandbox = ov.sandbox or detect_sandbox(
-            uid=settings.sandbox_uid, allow_unsafe=settings.unsafe_no_sandbox
+            uid=settings.sandbox_uid,
+            allow_unsafe=settings.unsafe_no_sandbox,
+            uid_pool=settings.uid_pool(),
         )
         await sandbox.probe()
     except SandboxUnavailable as e:

@@ -992,8 +992,11 @@ def _paths() -> dict[str, Schema]:
                                 "schema": {"type": "string"},
                             },
                             "Digest": {
-                                "description": "`sha-256=<hex>` of the zip (hex, not base64).",
-                                "schema": {"type": "string", "pattern": "^sha-256=[0-9a-f]{64}$"},
+                                "description": "RFC 3230 `sha-256=<base64>` digest of the zip.",
+                                "schema": {
+                                    "type": "string",
+                                    "pattern": "^sha-256=[A-Za-z0-9+/]{43}=$",
+                                },
                             },
                             "Cache-Control": {
                                 "description": "Always `private, no-store`.",

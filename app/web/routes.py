@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -341,7 +342,8 @@ async def download_artifact(request: web.Request) -> web.StreamResponse:
         headers={
             "Content-Type": "application/zip",
             "Content-Disposition": f'attachment; filename="{art.cast_id}.zip"',
-            "Digest": "sha-256=" + art.digest.removeprefix("sha256:"),
+            "Digest": "sha-256="
+            + base64.b64encode(bytes.fromhex(art.digest.removeprefix("sha256:"))).decode(),
             "Cache-Control": "private, no-store",
         },
     )

@@ -8,11 +8,13 @@ cast and frees its reservation; a stale attempt changes nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -39,6 +41,32 @@ class RunnerConfig:
     max_output_bytes: int
     artifact_ttl: int
     sandbox_uid: int
+
+
+def _traversable(path: Path, uid: int) -> bool:
+    for p in [path, *path.parents]:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            return False
+    return True
+
+
+def sandbox_work_dir(data_dir: Path, uid: int) -> Path:
+    """Where run folders and extracted bundles go: the data dir when the sandbox uid can reach
+    it, else a private folder under the system temp dir (e.g. a data dir under ``/root``)."""
+    data_dir = data_dir.resolve()
+    if os.geteuid() != 0 or _traversable(data_dir, uid):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    work = Path(tempfile.gettempdir()) / f"spell-work-{digest}"
+    work.mkdir(mode=0o711, exist_ok=True)
+    st = work.stat()
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise RuntimeError(f"{work} exists but is not a root-owned, non-writable folder")
+    return work
 
 
 def build_argv(entrypoint: str) -> list[str]:
@@ -82,8 +110,10 @@ class RunExecutor:
         self.ledger = platform.ledger
         self.sandbox = sandbox
         self.config = config
-        self.bundles_dir = config.data_dir / "bundles"
-        self.runs_dir = config.data_dir / "runs"
+        self.archive_dir = config.data_dir / "bundles"
+        work = sandbox_work_dir(config.data_dir, config.sandbox_uid)
+        self.bundles_dir = work / "bundles"
+        self.runs_dir = work / "runs"
 
     async def execute(self, cast_id: str) -> None:
         claim = await self.ledger.claim(cast_id)
@@ -122,7 +152,7 @@ class RunExecutor:
         doc = SpellDocument.model_validate(found[1].document)
         ex = doc.execution
         assert ex.bundle is not None and ex.entrypoint is not None
-        bundle_dir = await asyncio.to_thread(extract_bundle, ex.bundle, self.bundles_dir)
+        bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
         input_path, out_dir = await asyncio.to_thread(self._prepare, run_dir, cast.input or {})
         lines = _LineSink(self, cast.id)
         spec = SandboxSpec(
@@ -178,6 +208,18 @@ class RunExecutor:
             extra={"duration_ms": result.duration_ms, "artifact_digest": digest},
         )
 
+    def _bundle(self, digest: str) -> Path:
+        """The extracted bundle, in the work dir (stored archives stay in the data dir)."""
+        name = digest.removeprefix("sha256:") + ".tar.gz"
+        staged = self.bundles_dir / name
+        if not staged.exists() and self.bundles_dir != self.archive_dir:
+            self.bundles_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.bundles_dir, 0o711)  # noqa: S103 - the sandbox uid must traverse it
+            tmp = staged.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(self.archive_dir / name, tmp)
+            os.replace(tmp, staged)
+        return extract_bundle(digest, self.bundles_dir)
+
     def _prepare(self, run_dir: Path, payload: dict[str, Any]) -> tuple[Path, Path]:
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -186,10 +228,8 @@ class RunExecutor:
         out_dir.mkdir()
         input_path = run_dir / "input.json"
         input_path.write_text(json.dumps(payload))
-        os.chmod(run_dir, 0o755)  # noqa: S103 - the sandbox uid must traverse it
+        os.chmod(run_dir, 0o711)  # noqa: S103 - the sandbox uid must traverse it
         os.chmod(input_path, 0o644)
-        if os.geteuid() == 0:
-            os.chown(out_dir, self.config.sandbox_uid, self.config.sandbox_uid)
         return input_path, out_dir
 
     async def _finish(

@@ -385,6 +385,37 @@ async def test_time_limit_kills_the_whole_process_tree(
     assert processes_with(marker) == []
 
 
+async def test_cancelling_a_run_kills_the_sandbox(sandbox: BwrapSandbox, ws: Workspace) -> None:
+    marker = f"spell-sandbox-cancelled-{os.getpid()}-{time.monotonic_ns()}"
+    started = asyncio.Event()
+
+    async def on_line(stream: str, line: str) -> None:
+        if line == "child started":
+            started.set()
+
+    spec = ws.spec(
+        f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-I", "-S", "-c", "import time; time.sleep(1000)",
+                          "{marker}"])
+        time.sleep(0.2)
+        print("child started", flush=True)
+        time.sleep(1000)
+        """,
+        timeout_sec=60,
+    )
+    task = asyncio.create_task(sandbox.run(spec, on_line))
+    await asyncio.wait_for(started.wait(), timeout=10)
+    assert processes_with(marker)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 3
+    while processes_with(marker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert processes_with(marker) == []
+
+
 async def test_cpu_limit_ends_the_run_as_cpu(sandbox: BwrapSandbox, ws: Workspace) -> None:
     result = await sandbox.run(ws.spec("while True: pass", cpu_sec=1, timeout_sec=10))
     assert result.outcome == "cpu", result

@@ -283,3 +283,44 @@ async def test_the_tail_is_read_from_the_end(log_path: Path, monkeypatch: pytest
     monkeypatch.setattr(os, "pread", counting_pread)
     assert read_head(log_path) == (300, records[-1]["hash"])
     assert read < size / 2
+
+
+async def test_a_long_last_record_is_found_when_restarting(log_path: Path) -> None:
+    async with AuditLog(log_path) as audit:
+        await audit.append("e")
+        big = await audit.append("e", data={"blob": "x" * 50_000})
+    assert read_head(log_path) == (2, big["hash"])
+    async with AuditLog(log_path) as audit:
+        assert (await audit.append("e"))["prev"] == big["hash"]
+    assert verify_file(log_path).ok
+
+
+_WRITER_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from app.store.auditlog import AuditLog
+
+async def main() -> None:
+    async with AuditLog(Path(sys.argv[1])) as audit:
+        for i in range(int(sys.argv[3])):
+            await asyncio.gather(*(audit.append("e", data={"w": sys.argv[2], "i": i, "j": j})
+                                   for j in range(3)))
+
+asyncio.run(main())
+"""
+
+
+async def test_separate_processes_extend_one_chain(log_path: Path) -> None:
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WRITER_SCRIPT, str(log_path), name, "20", cwd=root
+        )
+        for name in ("serve", "worker", "cli")
+    ]
+    assert [await p.wait() for p in procs] == [0, 0, 0]
+    result = verify_file(log_path)
+    assert result.ok, result.reason
+    assert result.head_seq == 3 * 20 * 3
