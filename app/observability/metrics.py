@@ -20,9 +20,12 @@ Counters and the histogram also expose ``*_created`` timestamps (``prometheus_cl
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["LATENCY_BUCKETS_MS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_MS", "Metrics"]
+
+#: The classic text format, understood by every Prometheus version (our names are all legacy-safe,
+#: so the body is the same as the newer 1.0.0 text format).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
     1,
@@ -73,4 +76,4 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """``(body, content_type)`` for a ``GET /metrics`` response (Prometheus text format)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
