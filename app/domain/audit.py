@@ -149,10 +149,14 @@ def redact(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_KEY_PREFIX = {key: _ENCODER.encode(key) + ":" for key in FIELDS}
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _ENCODER.encode(value)
 
 
 def record_hash(record_without_hash: Mapping[str, Any]) -> str:
@@ -163,8 +167,11 @@ def record_hash(record_without_hash: Mapping[str, Any]) -> str:
 
 def serialize_record(record: Mapping[str, Any]) -> str:
     """The one exact line form of a record (no trailing newline): :data:`FIELDS` order, compact."""
-    keys = [k for k in FIELDS if k in record] + sorted(k for k in record if k not in FIELDS)
-    return "{" + ",".join(f"{_canonical(k)}:{_canonical(record[k])}" for k in keys) + "}"
+    parts = [_KEY_PREFIX[k] + _canonical(record[k]) for k in FIELDS if k in record]
+    parts.extend(
+        _canonical(k) + ":" + _canonical(record[k]) for k in sorted(record) if k not in _KEY_PREFIX
+    )
+    return "{" + ",".join(parts) + "}"
 
 
 def format_ts(moment: datetime) -> str:
@@ -172,6 +179,82 @@ def format_ts(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError("audit timestamps must be timezone-aware")
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class PreparedRecord:
+    """The content of a record before it takes its place in the chain: checked and redacted.
+
+    Made only by :func:`prepare_record`; :func:`seal_record` adds ``seq``, ``ts``, ``prev`` and
+    ``hash``. Splitting the two lets a writer do the expensive part before it holds the file lock.
+    """
+
+    event: str
+    actor: str | None
+    cast_id: str | None
+    input_hash: str | None
+    amount_cents: int | None
+    currency: str | None
+    traceparent: str | None
+    data: Mapping[str, Any]
+
+
+def prepare_record(
+    *,
+    event: str,
+    actor: str | None,
+    cast_id: str | None,
+    input_hash: str | None,
+    amount_cents: int | None,
+    currency: str | None,
+    traceparent: str | None,
+    data: Mapping[str, Any],
+) -> PreparedRecord:
+    """Check the fields and redact ``data``; see :func:`build_record` for the rules."""
+    if not event:
+        raise ValueError("event must not be empty")
+    if amount_cents is not None and (
+        isinstance(amount_cents, bool) or not isinstance(amount_cents, int)
+    ):
+        raise TypeError(f"amount_cents must be an int (minor units), got {amount_cents!r}")
+    if (amount_cents is None) != (currency is None):
+        raise ValueError("amount_cents and currency go together")
+    if currency is not None and not _CURRENCY.fullmatch(currency):
+        raise ValueError(f"currency must be an ISO-4217 code like 'USD', got {currency!r}")
+    clean_data = json.loads(_canonical(redact(dict(data))))
+    return PreparedRecord(
+        event=event,
+        actor=actor,
+        cast_id=cast_id,
+        input_hash=input_hash,
+        amount_cents=amount_cents,
+        currency=currency,
+        traceparent=traceparent,
+        data=clean_data,
+    )
+
+
+def seal_record(prepared: PreparedRecord, *, seq: int, prev: str, ts: str) -> dict[str, Any]:
+    """Place a prepared record in the chain: the complete record, ``hash`` included."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"seq must be a positive integer, got {seq!r}")
+    if not _HEX64.fullmatch(prev):
+        raise ValueError("prev must be 64 lower-case hex characters")
+    record: dict[str, Any] = {
+        "seq": seq,
+        "ts": ts,
+        "event": prepared.event,
+        "actor": prepared.actor,
+        "cast_id": prepared.cast_id,
+        "input_hash": prepared.input_hash,
+        "amount_cents": prepared.amount_cents,
+        "currency": prepared.currency,
+        "traceparent": prepared.traceparent,
+        "data": dict(prepared.data),
+        "prev": prev,
+    }
+    record["hash"] = record_hash(record)
+    return record
 
 
 def build_record(
@@ -195,36 +278,17 @@ def build_record(
     ``data`` must be JSON-serialisable; it is normalised through JSON so that the stored line
     hashes the same when read back.
     """
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise ValueError(f"seq must be a positive integer, got {seq!r}")
-    if not _HEX64.fullmatch(prev):
-        raise ValueError("prev must be 64 lower-case hex characters")
-    if not event:
-        raise ValueError("event must not be empty")
-    if amount_cents is not None and (
-        isinstance(amount_cents, bool) or not isinstance(amount_cents, int)
-    ):
-        raise TypeError(f"amount_cents must be an int (minor units), got {amount_cents!r}")
-    if (amount_cents is None) != (currency is None):
-        raise ValueError("amount_cents and currency go together")
-    if currency is not None and not _CURRENCY.fullmatch(currency):
-        raise ValueError(f"currency must be an ISO-4217 code like 'USD', got {currency!r}")
-    clean_data = json.loads(_canonical(redact(dict(data))))
-    record: dict[str, Any] = {
-        "seq": seq,
-        "ts": ts,
-        "event": event,
-        "actor": actor,
-        "cast_id": cast_id,
-        "input_hash": input_hash,
-        "amount_cents": amount_cents,
-        "currency": currency,
-        "traceparent": traceparent,
-        "data": clean_data,
-        "prev": prev,
-    }
-    record["hash"] = record_hash(record)
-    return record
+    prepared = prepare_record(
+        event=event,
+        actor=actor,
+        cast_id=cast_id,
+        input_hash=input_hash,
+        amount_cents=amount_cents,
+        currency=currency,
+        traceparent=traceparent,
+        data=data,
+    )
+    return seal_record(prepared, seq=seq, prev=prev, ts=ts)
 
 
 def parse_record(line: str) -> dict[str, Any]:

@@ -9,9 +9,10 @@ Records are built by :mod:`app.domain.audit`; this module owns the file.
   (``spell serve`` + ``spell worker``) extend one chain: after taking the lock, a writer whose view
   of the file size is stale re-reads the last line to learn the current ``seq``/``hash``.
 * Disk I/O runs in a worker thread (``asyncio.to_thread``); the event loop never waits on fsync.
-* Recovery: a torn last line (a crash mid-write, never acknowledged to a caller) is cut off when
-  the log is next opened or written. Any other damage to the last line stops the writer (fail
-  closed): run ``spell audit verify`` to find it.
+* Recovery: a torn last line (a crash or a failed ``write``, never acknowledged to a caller) is
+  cut off when the log is next opened or written. Any other damage to the last line stops the
+  writer (fail closed): run ``spell audit verify`` to find it. A failed ``fsync`` stops all
+  further appends in this process (the kernel may have dropped the unsynced pages).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 from app.domain.audit import (
     GENESIS,
+    PreparedRecord,
     VerifyResult,
-    build_record,
     format_ts,
     parse_record,
-    redact,
+    prepare_record,
+    seal_record,
     serialize_record,
     verify_lines,
 )
@@ -56,14 +57,7 @@ class AuditLogCorrupt(RuntimeError):
 
 @dataclass
 class _Entry:
-    event: str
-    actor: str | None
-    cast_id: str | None
-    input_hash: str | None
-    amount_cents: int | None
-    currency: str | None
-    traceparent: str | None
-    data: dict[str, Any]
+    prepared: PreparedRecord
     future: asyncio.Future[dict[str, Any]] = field(repr=False)
 
 
@@ -152,6 +146,7 @@ class AuditLog:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._broken: OSError | None = None  # set when fsync fails: no more appends
         self.fsync_count = 0  # fsyncs of appended records (for benchmarks and tests)
         self.batch_count = 0
 
@@ -202,15 +197,22 @@ class AuditLog:
         traceparent: str | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Append one record; returns it once it is written and fsynced."""
+        """Append one record; returns it once it is written and fsynced.
+
+        Raises ``TypeError``/``ValueError`` for an invalid record (nothing is written), the
+        ``OSError`` of a failed write (the record may or may not have reached the file), or
+        ``RuntimeError`` if the log is not open. Cancelling the caller does not withdraw a record
+        that is already queued.
+        """
         if self._writer is None or self._closing:
             raise RuntimeError("audit log is not open")
-        # Check what would fail the whole batch here, so only this caller gets the error.
-        clean = json.loads(json.dumps(redact(dict(data or {})), allow_nan=False))
-        build_record(
-            seq=1,
-            prev=GENESIS,
-            ts="",
+        if self._broken is not None:
+            raise RuntimeError(
+                f"audit log {self.path} stopped after fsync failed ({self._broken}); "
+                "restart the process and run `spell audit verify`"
+            )
+        # Validation and redaction happen here, so a bad record fails only its own caller.
+        prepared = prepare_record(
             event=event,
             actor=actor,
             cast_id=cast_id,
@@ -218,20 +220,10 @@ class AuditLog:
             amount_cents=amount_cents,
             currency=currency,
             traceparent=traceparent,
-            data={},
+            data=data or {},
         )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = _Entry(
-            event=event,
-            actor=actor,
-            cast_id=cast_id,
-            input_hash=input_hash,
-            amount_cents=amount_cents,
-            currency=currency,
-            traceparent=traceparent,
-            data=clean,
-            future=future,
-        )
+        entry = _Entry(prepared, future)
         self._pending.append(entry)
         self._wakeup.set()
         return await future
@@ -258,25 +250,33 @@ class AuditLog:
         return fd
 
     async def _run(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                continue
-            batch, self._pending = self._pending, []
-            await self._commit(batch)
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                batch, self._pending = self._pending, []
+                await self._commit(batch)
+        finally:
+            # Only reached with work left if the writer itself was cancelled: fail, never hang.
+            self._closing = True
+            _fail(self._pending, RuntimeError("audit log writer stopped"))
+            self._pending = []
 
     async def _commit(self, batch: list[_Entry]) -> None:
         try:
             records = await asyncio.to_thread(self._write_batch, batch)
         except Exception as exc:
+            # The records may or may not be in the file; the next batch re-reads the tail.
             log.exception("audit log %s: write failed for %d records", self.path, len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+            _fail(batch, exc)
             return
+        except BaseException:
+            _fail(batch, RuntimeError("audit log writer stopped during a write"))
+            raise
         for entry, record in zip(batch, records, strict=True):
             if not entry.future.done():
                 entry.future.set_result(record)
@@ -290,6 +290,8 @@ class AuditLog:
         fd = self._fd
         if fd is None:
             raise RuntimeError("audit log is closed")
+        if self._broken is not None:
+            raise RuntimeError(f"audit log stopped after fsync failed ({self._broken})")
         with _locked(fd):
             if self._size is None or os.fstat(fd).st_size != self._size:
                 # Another process appended (or our last write failed): learn the real head.
@@ -300,18 +302,8 @@ class AuditLog:
             lines: list[str] = []
             for entry in batch:
                 seq += 1
-                record = build_record(
-                    seq=seq,
-                    prev=prev,
-                    ts=format_ts(datetime.now(UTC)),
-                    event=entry.event,
-                    actor=entry.actor,
-                    cast_id=entry.cast_id,
-                    input_hash=entry.input_hash,
-                    amount_cents=entry.amount_cents,
-                    currency=entry.currency,
-                    traceparent=entry.traceparent,
-                    data=entry.data,
+                record = seal_record(
+                    entry.prepared, seq=seq, prev=prev, ts=format_ts(datetime.now(UTC))
                 )
                 prev = record["hash"]
                 records.append(record)
@@ -320,11 +312,23 @@ class AuditLog:
             size = self._size
             self._size = None  # unknown until the write and fsync succeed
             _write_all(fd, payload)
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                # After a failed fsync the kernel may drop the dirty pages and report success
+                # next time, so later records could chain onto lost ones. Stop, like PostgreSQL.
+                self._broken = exc
+                raise
             self.fsync_count += 1
             self.batch_count += 1
             self._seq, self._hash, self._size = seq, prev, size + len(payload)
         return records
+
+
+def _fail(entries: list[_Entry], exc: BaseException) -> None:
+    for entry in entries:
+        if not entry.future.done():
+            entry.future.set_exception(exc)
 
 
 @contextlib.contextmanager
@@ -336,19 +340,34 @@ def _locked(fd: int) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def _decoded_lines(path: Path) -> Iterator[str]:
-    with path.open("rb") as handle:
-        for raw in handle:
-            # Undecodable bytes become U+FFFD, which then fails the hash check for that line.
-            yield raw.decode("utf-8", errors="replace")
+def _decoded_lines(handle: BinaryIO, size: int) -> Iterator[str]:
+    left = size
+    for raw in handle:
+        if left <= 0:
+            return
+        chunk = raw[:left]
+        left -= len(chunk)
+        # Undecodable bytes become U+FFFD, which then fails the hash check for that line.
+        yield chunk.decode("utf-8", errors="replace")
 
 
 def verify_file(path: Path, *, expected_head: tuple[int, str] | None = None) -> VerifyResult:
-    """Check a whole audit log file (streamed, constant memory). A missing file is an empty log."""
-    path = Path(path)
-    if not path.exists():
+    """Check a whole audit log file, streamed. A missing file is an empty log.
+
+    Safe while writers are appending: the size is read under a shared ``flock`` (writers hold an
+    exclusive one while writing), so only whole batches are checked.
+    """
+    try:
+        handle = Path(path).open("rb")  # noqa: SIM115 - closed by the `with` below
+    except FileNotFoundError:
         return verify_lines([], expected_head=expected_head)
-    return verify_lines(_decoded_lines(path), expected_head=expected_head)
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        try:
+            size = os.fstat(handle.fileno()).st_size
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return verify_lines(_decoded_lines(handle, size), expected_head=expected_head)
 
 
 def read_head(path: Path) -> tuple[int, str]:

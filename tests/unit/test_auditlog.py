@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ async def test_appended_records_form_a_verifiable_chain(log_path: Path) -> None:
     records = await write_records(log_path, 5)
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev"] == GENESIS
-    assert all(b["prev"] == a["hash"] for a, b in zip(records, records[1:], strict=False))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(records))
     result = verify_file(log_path, expected_head=(5, records[-1]["hash"]))
     assert result.ok and result.lines == 5
     assert [json.loads(line) for line in lines_of(log_path)] == records
@@ -160,23 +162,33 @@ async def test_two_hundred_concurrent_appends_get_seq_1_to_200_in_few_fsyncs(
     assert fsyncs < 200 // 4  # group commit: the first batch writes one, the rest share few
 
 
-async def test_the_writer_never_blocks_the_event_loop(log_path: Path) -> None:
-    ticks = 0
+async def test_the_writer_never_blocks_the_event_loop(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.05)  # a slow disk
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    ticks: list[float] = []
     stop = asyncio.Event()
 
     async def ticker() -> None:
-        nonlocal ticks
         while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.001)
 
     async with AuditLog(log_path) as audit:
         task = asyncio.create_task(ticker())
-        for i in range(20):
+        for i in range(4):
             await audit.append("cast.accepted", data={"i": i})
         stop.set()
         await task
-    assert ticks >= 20  # the loop kept running while each fsync happened in a thread
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) > 50
+    assert max(gaps) < 0.04  # the loop kept ticking through every 50 ms fsync
 
 
 async def test_two_writers_on_one_file_extend_one_chain(log_path: Path) -> None:
@@ -269,7 +281,9 @@ async def test_close_flushes_pending_and_later_appends_fail(log_path: Path) -> N
     await audit.close()  # idempotent
 
 
-async def test_the_tail_is_read_from_the_end(log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_tail_is_read_from_the_end(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     records = await write_records(log_path, 300)
     size = log_path.stat().st_size
     read = 0
@@ -324,3 +338,57 @@ async def test_separate_processes_extend_one_chain(log_path: Path) -> None:
     result = verify_file(log_path)
     assert result.ok, result.reason
     assert result.head_seq == 3 * 20 * 3
+
+
+async def test_a_failed_fsync_fails_its_batch_and_stops_the_log(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async with AuditLog(log_path) as audit:
+        await audit.append("first")
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="Input/output"):
+            await audit.append("second")
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="fsync failed"):
+            await audit.append("third")
+    assert verify_file(log_path).ok
+
+
+async def test_a_torn_write_is_cut_off_before_the_next_batch(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def torn_write(fd: int, data: bytes) -> int:
+        real_write(fd, bytes(data)[:25])
+        raise OSError(28, "No space left on device")
+
+    async with AuditLog(log_path) as audit:
+        first = await audit.append("first")
+        monkeypatch.setattr(os, "write", torn_write)
+        with pytest.raises(OSError, match="No space"):
+            await audit.append("second")
+        monkeypatch.setattr(os, "write", real_write)
+        second = await audit.append("second again")
+    assert (second["seq"], second["prev"]) == (2, first["hash"])
+    assert verify_file(log_path).ok
+
+
+async def test_verify_while_appending_checks_whole_batches_only(log_path: Path) -> None:
+    async with AuditLog(log_path) as audit:
+
+        async def writer(w: int) -> None:
+            for i in range(30):
+                await audit.append("e", data={"w": w, "i": i})
+
+        writers = [asyncio.create_task(writer(w)) for w in range(10)]
+        results = []
+        while not all(w.done() for w in writers):
+            results.append(await asyncio.to_thread(verify_file, log_path))
+        await asyncio.gather(*writers)
+    assert len({r.head_seq for r in results}) > 1  # it really ran during the appends
+    assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
+    assert verify_file(log_path).head_seq == 300

@@ -150,7 +150,9 @@ def test_metrics_are_exposed_under_their_documented_names() -> None:
     assert got[("cast_count_total", (("status", "succeeded"),))] == 1
     assert got[("errors_by_code_total", (("code", "CAP_EXCEEDED"),))] == 2
     assert (
-        got[("http_requests_total", (("method", "POST"), ("route", "/v1/casts"), ("status", "202")))]
+        got[
+            ("http_requests_total", (("method", "POST"), ("route", "/v1/casts"), ("status", "202")))
+        ]
         == 1
     )
     assert got[("refunds_count_total", ())] == 1
@@ -200,7 +202,9 @@ VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         pytest.param(VALID + "0", None, id="too-long"),
         pytest.param(VALID + "-extra", None, id="version-00-with-extra-field"),
         pytest.param("00-" + "0" * 32 + "-00f067aa0ba902b7-01", None, id="zero-trace-id"),
-        pytest.param("00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", None, id="zero-span"),
+        pytest.param(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", None, id="zero-span"
+        ),
         pytest.param(VALID.upper(), None, id="upper-case-hex"),
         pytest.param("ff" + VALID[2:], None, id="version-ff"),
         pytest.param(VALID.replace("-", "_"), None, id="wrong-separator"),
