@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -183,13 +183,8 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    api_url: str = Field(
-        default="http://127.0.0.1:8080",
-        validation_alias=AliasChoices("SPELL_API_URL", "api_url"),
-    )
-    token: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("SPELL_TOKEN", "token")
-    )
+    api_url: str = Field(default="http://127.0.0.1:8080", validation_alias="SPELL_API_URL")
+    token: SecretStr | None = Field(default=None, validation_alias="SPELL_TOKEN")
     config_file: Path = Field(
         default_factory=lambda: (
             Path(os.environ.get("XDG_CONFIG_HOME", str(Path.home() / ".config")))

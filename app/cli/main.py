@@ -353,7 +353,7 @@ def serve(host: str, port: int) -> None:
         sys.stdout.flush()
 
     try:
-        web.run_app(app, host=host, port=port, print=announce, access_log=None)
+        web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=10)
     except OSError as e:
         fail(f"cannot listen on {host}:{port}: {e.strerror or e}", "UNAVAILABLE")
 

@@ -291,10 +291,11 @@ class Platform:
         problems = validate_input(doc.inputs, req.input)
         if problems:
             path, message = problems[0]
+            where = "/input" + path.rstrip("/")
             raise AppError(
                 "VALIDATION_ERROR",
-                f"/input{path}: {message}",
-                detail={"path": "/input" + path, "errors": len(problems)},
+                f"{where}: {message}",
+                detail={"path": where, "errors": len(problems)},
             )
         if mode == "workflow":
             raise AppError(

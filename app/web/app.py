@@ -28,6 +28,7 @@ from app.store.auditlog import AuditLog
 from app.store.db import make_engine, upgrade
 from app.store.ledger import SqlLedger
 from app.web.keys import (
+    CLOSING,
     CONSUMER,
     LEDGER,
     LIMITER,
@@ -71,6 +72,12 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[METRICS] = Metrics()
     app[LIMITER] = RateLimiter(settings.rate_limit_burst, settings.rate_limit_per_sec)
     app[SANDBOX_STATE] = {"ready": False, "reason": "not probed yet", "name": None}
+    app[CLOSING] = asyncio.Event()
+
+    async def _closing(app: web.Application) -> None:
+        app[CLOSING].set()
+
+    app.on_shutdown.append(_closing)
     app.add_routes(routes)
     app.cleanup_ctx.append(_platform_ctx(ov))
     return app

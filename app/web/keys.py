@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from app.config import Settings
@@ -21,6 +23,7 @@ QUEUE = web.AppKey("queue", Queue)
 RELAY = web.AppKey("relay", OutboxRelay)
 CONSUMER = web.AppKey("consumer", RunConsumer)
 SANDBOX_STATE = web.AppKey("sandbox_state", dict)
+CLOSING = web.AppKey("closing", asyncio.Event)  # set on shutdown: long-lived streams end
 
 # Per-request state
 TRACEPARENT = web.RequestKey("traceparent", str)

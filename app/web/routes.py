@@ -16,6 +16,7 @@ from sqlalchemy import text
 from app.errors import AppError
 from app.runner.bundle import BundleError, store_bundle
 from app.web.keys import (
+    CLOSING,
     LEDGER,
     METRICS,
     PLATFORM,
@@ -280,8 +281,9 @@ async def cast_events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(b"retry: 1000\n\n")
     keepalive_at = time.monotonic() + 15
+    closing = request.app[CLOSING]
     with platform.hub.listen(cast.id) as wake:
-        while True:
+        while not closing.is_set():
             wake.clear()
             events = await platform.ledger.events_after(cast.id, last)
             for ev in events:
@@ -304,6 +306,9 @@ async def cast_events(request: web.Request) -> web.StreamResponse:
             if time.monotonic() > keepalive_at:
                 await resp.write(b": keep-alive\n\n")
                 keepalive_at = time.monotonic() + 15
+    # The server is shutting down: end the stream; clients reconnect with Last-Event-ID.
+    await resp.write_eof()
+    return resp
 
 
 # ---------------------------------------------------------------------- billing

@@ -174,9 +174,7 @@ async def test_a_hostile_bundle_is_refused(harness: Harness) -> None:
         {"spell.json": b"{}", "../escape": b"x"},
         {"spell.json": b"{}", "link": None},
     ):
-        r = await harness.client.post(
-            "/v1/bundles", data=make_tar(members), headers=auth(maker)
-        )
+        r = await harness.client.post("/v1/bundles", data=make_tar(members), headers=auth(maker))
         assert r.status == 422, members
     r = await harness.client.post("/v1/bundles", data=b"not a tarball", headers=auth(maker))
     assert r.status == 422
@@ -229,7 +227,9 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
             line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != ":"
         )
         if "data" in fields:
-            out.append({"id": int(fields["id"]), "event": fields["event"], **json.loads(fields["data"])})
+            out.append(
+                {"id": int(fields["id"]), "event": fields["event"], **json.loads(fields["data"])}
+            )
     return out
 
 
@@ -283,10 +283,17 @@ async def test_sse_follows_a_live_cast(harness: Harness) -> None:
 async def test_catalog_search_tags_sorting_and_visibility(harness: Harness) -> None:
     maker = await harness.token("m", "maker")
     caster = await harness.token("c", "caster")
-    await harness.publish(maker, spell_id="com.example.cheap", flat_cents=1, tags=["text"],
-                          name="Cheap words", description="writes words")
-    await harness.publish(maker, spell_id="com.example.dear", flat_cents=90, tags=["image"],
-                          name="Dear pictures")
+    await harness.publish(
+        maker,
+        spell_id="com.example.cheap",
+        flat_cents=1,
+        tags=["text"],
+        name="Cheap words",
+        description="writes words",
+    )
+    await harness.publish(
+        maker, spell_id="com.example.dear", flat_cents=90, tags=["image"], name="Dear pictures"
+    )
     await harness.publish(maker, spell_id="com.example.hidden", visibility="unlisted")
     await harness.publish(maker, spell_id="com.example.secret", visibility="private")
     for _ in range(2):
@@ -312,8 +319,12 @@ async def test_catalog_search_tags_sorting_and_visibility(harness: Harness) -> N
     assert (await harness.client.get("/v1/catalog/spells/com.example.secret")).status == 404
     r = await harness.client.get("/v1/spells/com.example.secret", headers=auth(maker))
     assert r.status == 200
-    mine = [s["id"] for s in (await (await harness.client.get(
-        "/v1/spells", headers=auth(maker))).json())["spells"]]
+    mine = [
+        s["id"]
+        for s in (await (await harness.client.get("/v1/spells", headers=auth(maker))).json())[
+            "spells"
+        ]
+    ]
     assert "com.example.secret" in mine
 
     detail = await (await harness.client.get("/v1/catalog/spells/com.example.dear")).json()

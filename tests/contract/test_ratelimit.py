@@ -14,7 +14,6 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-
 @pytest.fixture
 def settings(tmp_path: Any, database_url: str | None) -> Settings:
     return Settings(
@@ -46,5 +45,3 @@ async def test_every_v1_response_carries_rate_limit_headers_and_the_limit_is_429
     # Another principal has its own bucket.
     other = await harness.token("d", "caster")
     assert (await harness.client.get("/v1/spells", headers=auth(other))).status == 200
-
-

@@ -54,8 +54,13 @@ def spell_folder(tmp_path: Path, name: str, code: str, **execution: Any) -> Path
     doc = {
         "id": f"com.example.{name}",
         "name": name,
-        "execution": {"mode": "service", "entrypoint": "main.py", "timeout_sec": 5,
-                      "memory_mb": 128, **execution},
+        "execution": {
+            "mode": "service",
+            "entrypoint": "main.py",
+            "timeout_sec": 5,
+            "memory_mb": 128,
+            **execution,
+        },
         "pricing": {"model": "flat", "currency": "USD", "flat_cents": 4},
         "inputs": {"type": "object"},
     }

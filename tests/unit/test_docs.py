@@ -15,9 +15,13 @@ def test_every_setting_is_in_the_configuration_reference() -> None:
     for model in (Settings, ClientSettings):
         for field in model.model_fields.values():
             alias = field.validation_alias
-            names = [alias] if isinstance(alias, str) else [
-                c for c in getattr(alias, "choices", []) if isinstance(c, str) and c.isupper()
-            ]
+            names = (
+                [alias]
+                if isinstance(alias, str)
+                else [
+                    c for c in getattr(alias, "choices", []) if isinstance(c, str) and c.isupper()
+                ]
+            )
             for name in names:
                 assert f"`{name}`" in README, f"{name} is not documented in README.md"
 

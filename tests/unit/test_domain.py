@@ -25,8 +25,11 @@ def doc(**patch: Any) -> dict[str, Any]:
         "name": "Hello",
         "execution": {"mode": "service", "entrypoint": "main.py", "bundle": BUNDLE},
         "pricing": {"model": "flat", "currency": "USD", "flat_cents": 5},
-        "inputs": {"type": "object", "properties": {"name": {"type": "string"}},
-                   "required": ["name"]},
+        "inputs": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}},
+            "required": ["name"],
+        },
     }
     base.update(patch)
     return base
@@ -34,8 +37,16 @@ def doc(**patch: Any) -> dict[str, Any]:
 
 def test_the_spec_example_document_is_valid_for_workflow_mode() -> None:
     d = SpellDocument.model_validate(
-        doc(execution={"mode": "workflow", "workflow": {
-            "repo": "owner/name", "workflow_id": "spell.yml", "dispatch": "repository_dispatch"}})
+        doc(
+            execution={
+                "mode": "workflow",
+                "workflow": {
+                    "repo": "owner/name",
+                    "workflow_id": "spell.yml",
+                    "dispatch": "repository_dispatch",
+                },
+            }
+        )
     )
     assert d.execution.workflow is not None
     assert d.version == "1.0.0"
@@ -51,8 +62,10 @@ def test_the_spec_example_document_is_valid_for_workflow_mode() -> None:
         pytest.param({"pricing": {"model": "metered"}}, id="metered-without-meters"),
         pytest.param({"pricing": {"model": "one_time"}}, id="one-time-without-price"),
         pytest.param({"pricing": {"model": "flat", "flat_cents": -1}}, id="negative-price"),
-        pytest.param({"pricing": {"model": "flat", "flat_cents": 1, "currency": "usd"}},
-                     id="lowercase-currency"),
+        pytest.param(
+            {"pricing": {"model": "flat", "flat_cents": 1, "currency": "usd"}},
+            id="lowercase-currency",
+        ),
         pytest.param({"inputs": {"type": "array"}}, id="inputs-not-an-object"),
         pytest.param({"inputs": {"type": "object", "required": "name"}}, id="inputs-invalid"),
         pytest.param({"tags": ["Has Space"]}, id="bad-tag"),
@@ -67,8 +80,19 @@ def test_invalid_documents_are_rejected(patch: dict[str, Any]) -> None:
 
 
 def test_semver_precedence_follows_the_spec() -> None:
-    ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta",
-               "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0", "2.0.0"]
+    ordered = [
+        "1.0.0-alpha",
+        "1.0.0-alpha.1",
+        "1.0.0-alpha.beta",
+        "1.0.0-beta",
+        "1.0.0-beta.2",
+        "1.0.0-beta.11",
+        "1.0.0-rc.1",
+        "1.0.0",
+        "1.0.1",
+        "1.10.0",
+        "2.0.0",
+    ]
     assert sorted(reversed(ordered), key=semver_key) == ordered
 
 
@@ -82,12 +106,17 @@ def test_input_errors_name_the_missing_or_wrong_field() -> None:
 def test_pricing_estimates_are_the_most_a_cast_can_cost() -> None:
     flat = Pricing(model="flat", flat_cents=5)
     assert estimate_cents(flat) == 5 == actual_cents(flat, Usage(compute_ms=10**9))
-    metered = Pricing.model_validate({
-        "model": "metered", "base_cents": 2,
-        "meters": {"casts": {"unit_cents": 1, "max": 1},
-                   "compute_ms": {"unit_cents": 1, "per": 1000, "max": 60_000},
-                   "egress_mb": {"unit_cents": 3, "max": 10}},
-    })
+    metered = Pricing.model_validate(
+        {
+            "model": "metered",
+            "base_cents": 2,
+            "meters": {
+                "casts": {"unit_cents": 1, "max": 1},
+                "compute_ms": {"unit_cents": 1, "per": 1000, "max": 60_000},
+                "egress_mb": {"unit_cents": 3, "max": 10},
+            },
+        }
+    )
     assert estimate_cents(metered) == 2 + 1 + 60 + 30
     assert actual_cents(metered, Usage(compute_ms=1500, egress_bytes=1)) == 2 + 1 + 2 + 3
     # Usage beyond the declared limits is clamped: never more than the estimate.
@@ -96,9 +125,15 @@ def test_pricing_estimates_are_the_most_a_cast_can_cost() -> None:
 
 @given(st.integers(0, 10**7), st.integers(0, 10**12))
 def test_metered_cost_never_exceeds_the_estimate(ms: int, egress: int) -> None:
-    p = Pricing.model_validate({"model": "metered", "meters": {
-        "compute_ms": {"unit_cents": 7, "per": 100, "max": 5000},
-        "egress_mb": {"unit_cents": 1, "max": 3}}})
+    p = Pricing.model_validate(
+        {
+            "model": "metered",
+            "meters": {
+                "compute_ms": {"unit_cents": 7, "per": 100, "max": 5000},
+                "egress_mb": {"unit_cents": 1, "max": 3},
+            },
+        }
+    )
     assert 0 <= actual_cents(p, Usage(compute_ms=ms, egress_bytes=egress)) <= estimate_cents(p)
 
 
@@ -115,9 +150,12 @@ def test_which_cap_refused() -> None:
     assert which_cap_refused(estimate=2, monthly=monthly, total=total) is None
     assert which_cap_refused(estimate=3, monthly=monthly, total=total) == "monthly"
     assert monthly.remaining_cents == 2
-    assert which_cap_refused(
-        estimate=1, monthly=monthly, total=CapView(cap_cents=8, used_cents=8, reserved_cents=0)
-    ) == "total"
+    assert (
+        which_cap_refused(
+            estimate=1, monthly=monthly, total=CapView(cap_cents=8, used_cents=8, reserved_cents=0)
+        )
+        == "total"
+    )
 
 
 def test_the_cast_state_machine() -> None:
