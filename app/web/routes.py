@@ -123,7 +123,11 @@ async def readyz(request: web.Request) -> web.Response:
         ok = False
         checks["database"] = f"unavailable: {type(e).__name__}"
     sandbox = request.app[SANDBOX_STATE]
-    checks["sandbox"] = "ok" if sandbox.get("ready") else f"unavailable: {sandbox.get('reason')}"
+    if sandbox.get("ready"):
+        checks["sandbox"] = "ok"
+    else:  # fail closed: a server that cannot sandbox spells is not ready to take casts
+        ok = False
+        checks["sandbox"] = f"unavailable: {sandbox.get('reason')}"
     checks["sandbox_kind"] = sandbox.get("name")
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503

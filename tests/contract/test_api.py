@@ -380,3 +380,38 @@ async def test_traceparent_is_accepted_and_carried_to_the_audit_record(harness: 
     records = [json.loads(line) for line in lines if cast_id in line]
     assert records and all(rec["traceparent"] == tp for rec in records)
     assert harness.sandbox.runs[0].env["TRACEPARENT"] == tp
+
+
+class BrokenSandbox:
+    name = "bwrap"
+
+    async def probe(self) -> None:
+        from app.runner.sandbox import SandboxUnavailable
+
+        raise SandboxUnavailable("No permissions to create new namespace")
+
+    async def run(self, spec: Any, on_line: Any = None) -> Any:  # pragma: no cover
+        raise AssertionError("a failed probe must keep every run away from the sandbox")
+
+
+async def test_when_the_sandbox_probe_fails_service_casts_are_refused(
+    aiohttp_client: Any, settings: Any
+) -> None:
+    from app.web.app import Overrides, create_app
+
+    client = await aiohttp_client(
+        create_app(settings, overrides=Overrides(sandbox=BrokenSandbox()))
+    )
+    h = Harness(client=client, settings=settings, sandbox=None)  # type: ignore[arg-type]
+    maker = await h.token("m", "maker")
+    caster = await h.token("c", "caster")
+    await h.publish(maker, flat_cents=5)
+    r = await h.cast(caster)
+    assert r.status == 503
+    err = await error_of(r)
+    assert err["code"] == "SANDBOX_UNAVAILABLE"
+    assert "namespace" in err["message"]
+    assert await h.platform.ledger.count_casts() == 0
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "namespace" in (await ready.json())["checks"]["sandbox"]
