@@ -117,6 +117,14 @@ class Settings(BaseSettings):
         description="Host uids for concurrent sandboxes, e.g. 200000-200063 (one per run).",
         pattern=r"^(\d+-\d+)?$",
     )
+    run_lease_sec: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias="SPELL_RUN_LEASE_SEC",
+        description="A running cast's lease; a worker renews it every third of it, else the run "
+        "is queued again.",
+    )
     log_level: str = Field(default="INFO", validation_alias="SPELL_LOG_LEVEL")
     idempotency_ttl: int = Field(
         default=24 * 3600,

@@ -143,13 +143,13 @@ class Platform:
             doc = SpellDocument.model_validate(body)
         except ValidationError as e:
             raise pydantic_error(e) from None
-        if doc.execution.bundle is not None and not await self.ledger.bundle_exists(
-            doc.execution.bundle
+        if doc.execution.bundle is not None and not await self.ledger.bundle_owned(
+            doc.execution.bundle, caller.account_id
         ):
             raise AppError(
                 "VALIDATION_ERROR",
-                f"/execution/bundle: bundle {doc.execution.bundle} was not uploaded "
-                "(POST /v1/bundles first, or use `spell publish PATH`)",
+                f"/execution/bundle: bundle {doc.execution.bundle} was not uploaded by this "
+                "account (POST /v1/bundles first, or use `spell publish PATH`)",
                 detail={"path": "/execution/bundle"},
             )
         doc_hash = (
@@ -275,6 +275,10 @@ class Platform:
         caller.require("cast:invoke")
         if not isinstance(body, dict):
             raise AppError("VALIDATION_ERROR", "the request body must be a JSON object")
+        rhash = request_hash("POST", f"/v1/spells/{spell_id}:cast", body)
+        stored = await self.ledger.stored_response(caller.principal_id, idempotency_key, rhash)
+        if stored is not None:
+            return stored[0], self._absolute(stored[1], base_url), True
         try:
             req = CastRequest.model_validate(body)
         except ValidationError as e:
@@ -312,7 +316,6 @@ class Platform:
             raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
 
         estimate = estimate_cents(doc.pricing)
-        rhash = request_hash("POST", f"/v1/spells/{spell_id}:cast", body)
         ihash = input_hash(req.input)
         now = self.clock.now()
         period = month_period(now)
@@ -324,11 +327,12 @@ class Platform:
         subject = "run." + doc.execution.bundle.removeprefix("sha256:")
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
-            held = "none"
+            held, reserved_period = "none", period
             if estimate > 0:
-                if not await self.ledger.reserve(s, caller.account_id, estimate, period):
+                got = await self.ledger.reserve(s, caller.account_id, estimate, period)
+                if got is None:
                     raise await self._cap_error(s, caller.account_id, estimate)
-                held = "held"
+                held, reserved_period = "held", got
             cast = Cast(
                 id=cast_id,
                 spell_id=spell.id,
@@ -343,7 +347,7 @@ class Platform:
                 estimate_cents=estimate,
                 cost_cents=None,
                 reservation=held,
-                reserved_period=period,
+                reserved_period=reserved_period,
                 attempt=0,
                 event_seq=0,
                 traceparent=traceparent,
@@ -380,9 +384,13 @@ class Platform:
             )
             self.metrics.cast_count.labels(status="accepted").inc()
             self.kick_outbox()
+        return status, self._absolute(resp, base_url), replayed
+
+    @staticmethod
+    def _absolute(resp: dict[str, Any], base_url: str) -> dict[str, Any]:
         out = dict(resp)
         out["progress_sse"] = base_url + str(resp["progress_sse"])
-        return status, out, replayed
+        return out
 
     async def _cap_error(self, s: Any, account_id: str, estimate: int) -> AppError:
         view = await self.ledger.budget(account_id, s)
@@ -511,6 +519,10 @@ class Platform:
             raise AppError("FORBIDDEN", "setting caps needs a caster or operator token")
         if not isinstance(body, dict):
             raise AppError("VALIDATION_ERROR", "the request body must be a JSON object")
+        rhash = request_hash("POST", "/v1/billing/caps", body)
+        stored = await self.ledger.stored_response(caller.principal_id, idempotency_key, rhash)
+        if stored is not None:
+            return stored[0], stored[1], True
         try:
             req = CapsRequest.model_validate(body)
         except ValidationError as e:
@@ -522,7 +534,6 @@ class Platform:
                 detail={"path": "/monthly_cents"},
             )
         acct = self._caps_account(caller, req.account)
-        rhash = request_hash("POST", "/v1/billing/caps", body)
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
             view = await self.ledger.set_caps(

@@ -155,44 +155,90 @@ class SqlLedger:
         raises, the key is rolled back with everything else, so the caller may retry with it.
         """
         now = self.clock.now()
-        ttl = self.idempotency_ttl
+        expires = now + timedelta(seconds=self.idempotency_ttl)
+        pk = (IdempotencyKey.principal_id == principal_id, IdempotencyKey.key == key)
         async with self.sessions.begin() as s:
-            res = await s.execute(
-                self._insert(IdempotencyKey)
-                .values(
-                    principal_id=principal_id,
-                    key=key,
-                    request_hash=req_hash,
-                    response_status=0,
-                    response_body={},
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=ttl),
-                )
-                .on_conflict_do_nothing(index_elements=["principal_id", "key"])
-            )
-            if res.rowcount == 0:  # type: ignore[attr-defined]
-                row = await s.get(IdempotencyKey, (principal_id, key), populate_existing=True)
-                assert row is not None
-                if row.expires_at <= now:
-                    # Expired: the key is free again. Take it over in this transaction.
-                    row.request_hash = req_hash
-                    row.created_at = now
-                    row.expires_at = now + timedelta(seconds=ttl)
-                elif row.request_hash != req_hash:
-                    raise AppError(
-                        "IDEMPOTENCY_CONFLICT",
-                        "this Idempotency-Key was used with a different request; "
-                        "send the same request to get the same answer, or use a new key",
+            for _ in range(3):
+                res = await s.execute(
+                    self._insert(IdempotencyKey)
+                    .values(
+                        principal_id=principal_id,
+                        key=key,
+                        request_hash=req_hash,
+                        response_status=0,
+                        response_body={},
+                        created_at=now,
+                        expires_at=expires,
                     )
-                else:
-                    return row.response_status, row.response_body, True
+                    .on_conflict_do_nothing(index_elements=["principal_id", "key"])
+                )
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    break
+                # An expired key is free again: take it over with ONE conditional statement,
+                # so of several concurrent requests exactly one wins it.
+                took = await s.execute(
+                    update(IdempotencyKey)
+                    .where(*pk, IdempotencyKey.expires_at <= now)
+                    .values(
+                        request_hash=req_hash,
+                        response_status=0,
+                        response_body={},
+                        created_at=now,
+                        expires_at=expires,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if took.rowcount == 1:  # type: ignore[attr-defined]
+                    break
+                row = (
+                    await s.execute(
+                        select(
+                            IdempotencyKey.request_hash,
+                            IdempotencyKey.response_status,
+                            IdempotencyKey.response_body,
+                        ).where(*pk)
+                    )
+                ).first()
+                if row is None:
+                    continue  # swept between our statements: try to insert again
+                if row.request_hash != req_hash:
+                    raise _idempotency_conflict()
+                return row.response_status, row.response_body, True
+            else:
+                raise AppError("CONFLICT", "this Idempotency-Key is busy; retry the request")
             status, body = await work(s)
             await s.execute(
                 update(IdempotencyKey)
-                .where(IdempotencyKey.principal_id == principal_id, IdempotencyKey.key == key)
+                .where(*pk)
                 .values(response_status=status, response_body=body)
+                .execution_options(synchronize_session=False)
             )
             return status, body, False
+
+    async def stored_response(
+        self, principal_id: str, key: str, req_hash: str
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The stored answer for a live key (a 409 if it was used for another request).
+
+        Checked before a request is validated, so a replay answers what was answered then,
+        whatever has changed since (a new spell version, a cap, the sandbox).
+        """
+        async with self.reader() as s:
+            row = (
+                await s.execute(
+                    select(
+                        IdempotencyKey.request_hash,
+                        IdempotencyKey.response_status,
+                        IdempotencyKey.response_body,
+                        IdempotencyKey.expires_at,
+                    ).where(IdempotencyKey.principal_id == principal_id, IdempotencyKey.key == key)
+                )
+            ).first()
+        if row is None or row.expires_at <= self.clock.now():
+            return None
+        if row.request_hash != req_hash:
+            raise _idempotency_conflict()
+        return row.response_status, row.response_body
 
     async def sweep_idempotency(self) -> int:
         async with self.sessions.begin() as s:
@@ -213,12 +259,12 @@ class SqlLedger:
                     uploaded_by=account_id,
                     created_at=self.clock.now(),
                 )
-                .on_conflict_do_nothing(index_elements=["digest"])
+                .on_conflict_do_nothing(index_elements=["digest", "uploaded_by"])
             )
 
-    async def bundle_exists(self, digest: str) -> bool:
+    async def bundle_owned(self, digest: str, account_id: str) -> bool:
         async with self.reader() as s:
-            return (await s.get(Bundle, digest)) is not None
+            return (await s.get(Bundle, (digest, account_id))) is not None
 
     async def publish_spell(
         self, doc: SpellDocument, *, author_id: str, doc_hash: str, price_cents: int
@@ -399,11 +445,18 @@ class SqlLedger:
         assert b is not None
         return _budget_view(b, month_period(self.clock.now()))
 
-    async def reserve(self, s: AsyncSession, account_id: str, estimate: int, period: str) -> bool:
-        """Reserve ``estimate`` cents against both caps in ONE conditional statement."""
-        same = Budget.period == period
-        monthly_used = case((same, Budget.monthly_used_cents), else_=0)
-        monthly_reserved = case((same, Budget.monthly_reserved_cents), else_=0)
+    async def reserve(
+        self, s: AsyncSession, account_id: str, estimate: int, period: str
+    ) -> str | None:
+        """Reserve ``estimate`` cents against both caps in ONE conditional statement.
+
+        Returns the period the reservation counts in (None: refused). The stored period only
+        ever moves forward: a request computed for an older month (a slow transaction, a
+        skewed clock) counts in the stored, newer month and never resets its counters.
+        """
+        newer = Budget.period < period
+        monthly_used = case((newer, 0), else_=Budget.monthly_used_cents)
+        monthly_reserved = case((newer, 0), else_=Budget.monthly_reserved_cents)
         stmt = (
             update(Budget)
             .where(
@@ -419,16 +472,17 @@ class SqlLedger:
                 ),
             )
             .values(
-                period=period,
+                period=case((newer, period), else_=Budget.period),
                 monthly_used_cents=monthly_used,
                 monthly_reserved_cents=monthly_reserved + estimate,
                 total_reserved_cents=Budget.total_reserved_cents + estimate,
                 updated_at=self.clock.now(),
             )
-            .returning(Budget.account_id)
+            .returning(Budget.period)
             .execution_options(synchronize_session=False)
         )
-        return (await s.execute(stmt)).first() is not None
+        row = (await s.execute(stmt)).first()
+        return None if row is None else str(row[0])
 
     async def _unreserve(self, s: AsyncSession, cast: Cast, *, cost: int, new_state: str) -> bool:
         """Settle (``cost`` > 0 moves into used) or release a held reservation, exactly once."""
@@ -496,11 +550,20 @@ class SqlLedger:
         return int(seq)
 
     async def append_events(
-        self, cast_id: str, events: Sequence[tuple[str, dict[str, Any]]]
-    ) -> None:
+        self, cast_id: str, events: Sequence[tuple[str, dict[str, Any]]], *, attempt: int
+    ) -> bool:
+        """Progress/log events of a running attempt; dropped if the attempt was superseded."""
         async with self.sessions.begin() as s:
+            live = await s.scalar(
+                select(Cast.id).where(
+                    Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running"
+                )
+            )
+            if live is None:
+                return False
             for stage, data in events:
                 await self.add_event(s, cast_id, stage, data)
+            return True
 
     async def events_after(self, cast_id: str, after: int, limit: int = 500) -> list[CastEvent]:
         async with self.reader() as s:
@@ -520,14 +583,23 @@ class SqlLedger:
         async with self.reader() as s:
             return await s.get(Artifact, artifact_id)
 
-    async def claim(self, cast_id: str) -> Claim | None:
-        """queued → running with a new attempt number; None if someone else has it or it ended."""
+    async def claim(self, cast_id: str, *, lease_sec: float = 30.0) -> Claim | None:
+        """queued → running with a new attempt number and a lease the worker must renew.
+
+        None if someone else has it or it ended. A run whose lease lapses (its worker died) is
+        queued again by :meth:`reap_expired`; its old attempt can then change nothing.
+        """
         now = self.clock.now()
         async with self.sessions.begin() as s:
             attempt = await s.scalar(
                 update(Cast)
                 .where(Cast.id == cast_id, Cast.status == "queued")
-                .values(status="running", attempt=Cast.attempt + 1, started_at=now)
+                .values(
+                    status="running",
+                    attempt=Cast.attempt + 1,
+                    started_at=now,
+                    lease_until=now + timedelta(seconds=lease_sec),
+                )
                 .returning(Cast.attempt)
                 .execution_options(synchronize_session=False)
             )
@@ -587,15 +659,27 @@ class SqlLedger:
             await s.flush()
             return cast
 
-    async def fail_queued(
+    async def extend_lease(self, cast_id: str, attempt: int, *, lease_sec: float) -> bool:
+        """Renew a running attempt's lease (the worker's heartbeat). False: it was superseded."""
+        async with self.sessions.begin() as s:
+            res = await s.execute(
+                update(Cast)
+                .where(Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running")
+                .values(lease_until=self.clock.now() + timedelta(seconds=lease_sec))
+                .execution_options(synchronize_session=False)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def fail_unfinished(
         self, cast_id: str, *, error_code: str, error_message: str
     ) -> Cast | None:
-        """Fail a cast that never started (e.g. the sandbox is unavailable); releases its hold."""
+        """Fail a cast that cannot be run (e.g. its run request was dead-lettered); releases
+        its reservation. Works whether it is still queued or stranded as running."""
         now = self.clock.now()
         async with self.sessions.begin() as s:
             done = await s.execute(
                 update(Cast)
-                .where(Cast.id == cast_id, Cast.status == "queued")
+                .where(Cast.id == cast_id, Cast.status.in_(("queued", "running")))
                 .values(
                     status="failed",
                     finished_at=now,
@@ -640,29 +724,55 @@ class SqlLedger:
         else:
             await self._unreserve(s, cast, cost=0, new_state="released")
 
-    async def requeue_running(self) -> list[str]:
-        """After a restart of the embedded worker: runs left ``running`` go back to ``queued``."""
+    async def reap_expired(self) -> list[str]:
+        """Running casts whose lease lapsed (their worker died or hung) go back to ``queued``
+        and their run request is published again. Safe with many processes: a live worker
+        renews its lease, so only abandoned runs are taken."""
+        now = self.clock.now()
         async with self.sessions.begin() as s:
             ids = list(
                 (
                     await s.scalars(
                         update(Cast)
-                        .where(Cast.status == "running", Cast.mode == "service")
-                        .values(status="queued")
+                        .where(
+                            Cast.status == "running",
+                            Cast.mode == "service",
+                            Cast.lease_until < now,
+                        )
+                        .values(status="queued", lease_until=None)
                         .returning(Cast.id)
                         .execution_options(synchronize_session=False)
                     )
                 ).all()
             )
             for cid in ids:
-                await self.add_event(s, cid, "requeued", {"status": "queued", "reason": "restart"})
-                await s.execute(
-                    update(Outbox)
-                    .where(Outbox.msg_id == cid)
-                    .values(sent_at=None)
-                    .execution_options(synchronize_session=False)
+                await self.add_event(
+                    s, cid, "requeued", {"status": "queued", "reason": "worker lease expired"}
                 )
+            await self._republish(s, ids)
             return ids
+
+    async def republish_queued(self) -> int:
+        """Publish every queued service cast again (a fresh in-process queue is empty)."""
+        async with self.sessions.begin() as s:
+            ids = list(
+                (
+                    await s.scalars(
+                        select(Cast.id).where(Cast.status == "queued", Cast.mode == "service")
+                    )
+                ).all()
+            )
+            await self._republish(s, ids)
+            return len(ids)
+
+    async def _republish(self, s: AsyncSession, cast_ids: Sequence[str]) -> None:
+        if cast_ids:
+            await s.execute(
+                update(Outbox)
+                .where(Outbox.msg_id.in_(list(cast_ids)))
+                .values(sent_at=None)
+                .execution_options(synchronize_session=False)
+            )
 
     # ------------------------------------------------------------------ outbox
 
@@ -718,6 +828,14 @@ class SqlLedger:
         async with self.reader() as s:
             row = await s.get(AuditPointer, log)
             return None if row is None else (row.seq, row.hash)
+
+
+def _idempotency_conflict() -> AppError:
+    return AppError(
+        "IDEMPOTENCY_CONFLICT",
+        "this Idempotency-Key was used with a different request; "
+        "send the same request to get the same answer, or use a new key",
+    )
 
 
 def _budget_view(b: Budget, period: str) -> BudgetView:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -122,10 +123,14 @@ class SpellVersion(Base):
 
 
 class Bundle(Base):
+    """Who uploaded which bundle: a spell may only reference bundles of its own account."""
+
     __tablename__ = "bundles"
     digest: Mapped[str] = mapped_column(String(80), primary_key=True)
+    uploaded_by: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="RESTRICT"), primary_key=True
+    )
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    uploaded_by: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
     created_at: Mapped[datetime] = mapped_column(TZ)
 
 
@@ -159,6 +164,7 @@ class Cast(Base):
     region: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
     started_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
 
 
@@ -209,6 +215,12 @@ class Budget(Base):
     """Budget caps and usage of one account. Reservations are single conditional UPDATEs."""
 
     __tablename__ = "budgets"
+    __table_args__ = (
+        CheckConstraint("monthly_used_cents >= 0", name="monthly_used_nonneg"),
+        CheckConstraint("monthly_reserved_cents >= 0", name="monthly_reserved_nonneg"),
+        CheckConstraint("total_used_cents >= 0", name="total_used_nonneg"),
+        CheckConstraint("total_reserved_cents >= 0", name="total_reserved_nonneg"),
+    )
     account_id: Mapped[str] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
     )

@@ -41,7 +41,7 @@ from app.web.keys import (
 )
 from app.web.middlewares import authenticate_and_limit, envelope
 from app.web.routes import routes
-from app.worker.consumer import OutboxRelay, RunConsumer
+from app.worker.consumer import LeaseReaper, OutboxRelay, RunConsumer
 from app.worker.runs import RunExecutor, RunnerConfig
 
 log = logging.getLogger("spell.app")
@@ -125,10 +125,16 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         app[RELAY] = relay
         tasks: list[asyncio.Task[None]] = []
         if ov.run_worker:
-            requeued = await ledger.requeue_running()
-            if requeued:
-                log.warning("requeued %d casts left running by a previous process", len(requeued))
+            if isinstance(queue, MemoryQueue):
+                # The in-process queue starts empty: publish every queued cast again (the
+                # claim step makes a duplicate delivery harmless).
+                n = await ledger.republish_queued()
+                if n:
+                    log.warning("republished %d queued casts after a restart", n)
+            reaper = LeaseReaper(ledger, relay, every=max(0.2, settings.run_lease_sec / 2))
+            await reaper.reap_once()
             tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+            tasks.append(asyncio.create_task(reaper.run(), name="lease-reaper"))
             if sandbox is not None:
                 executor = RunExecutor(
                     platform=platform,
@@ -138,9 +144,16 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                         max_output_bytes=settings.max_output_bytes,
                         artifact_ttl=settings.artifact_ttl,
                         sandbox_uid=settings.sandbox_uid,
+                        lease_sec=settings.run_lease_sec,
                     ),
                 )
-                consumer = RunConsumer(queue, executor, concurrency=settings.workers)
+                consumer = RunConsumer(
+                    queue,
+                    executor,
+                    concurrency=settings.workers,
+                    heartbeat_every=settings.run_lease_sec / 3,
+                    max_deliver=getattr(queue, "max_deliver", 5),
+                )
                 app[CONSUMER] = consumer
                 tasks.append(asyncio.create_task(consumer.run(), name="run-consumer"))
             tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))

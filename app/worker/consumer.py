@@ -68,11 +68,13 @@ class RunConsumer:
         *,
         concurrency: int,
         heartbeat_every: float = 10.0,
+        max_deliver: int = 5,
     ) -> None:
         self.queue = queue
         self.executor = executor
         self.concurrency = concurrency
         self.heartbeat_every = heartbeat_every
+        self.max_deliver = max_deliver
         self.busy = 0
 
     async def run(self) -> None:
@@ -102,8 +104,12 @@ class RunConsumer:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("run request for cast %s failed; it will be delivered again", cast_id)
             beat.cancel()
+            if msg.num_delivered >= self.max_deliver:
+                log.exception("run request for cast %s failed for good; failing the cast", cast_id)
+                await self._give_up(msg, cast_id)
+                return
+            log.exception("run request for cast %s failed; it will be delivered again", cast_id)
             await msg.nak(delay=2.0)
             return
         finally:
@@ -111,7 +117,64 @@ class RunConsumer:
             beat.cancel()
         await msg.ack()
 
+    async def _give_up(self, msg: Message, cast_id: str) -> None:
+        """The last delivery failed too: end the cast (releasing its money), then drop it."""
+        try:
+            done = await self.executor.ledger.fail_unfinished(
+                cast_id,
+                error_code="INTERNAL",
+                error_message="the platform could not run this cast; nothing was charged",
+            )
+            if done is not None:
+                self.executor.platform.hub.notify(cast_id)
+                await self.executor.platform.audit.append(
+                    "cast.failed",
+                    actor="worker",
+                    cast_id=cast_id,
+                    input_hash=done.input_hash,
+                    amount_cents=0,
+                    currency=done.currency,
+                    traceparent=done.traceparent,
+                    data={"error": {"code": "INTERNAL"}, "released_cents": done.estimate_cents},
+                )
+        except Exception:
+            log.exception("could not fail cast %s; the lease reaper will retry it", cast_id)
+            await msg.nak(delay=5.0)
+            return
+        await msg.ack()
+
     async def _heartbeat(self, msg: Message) -> None:
+        cast_id = str(msg.payload.get("cast_id", ""))
         while True:
             await asyncio.sleep(self.heartbeat_every)
             await msg.in_progress()
+            try:
+                await self.executor.heartbeat(cast_id)
+            except Exception:
+                log.warning("renewing the lease of cast %s failed; retrying", cast_id)
+
+
+class LeaseReaper:
+    """Requeues runs whose worker stopped renewing its lease (crashed, hung, partitioned)."""
+
+    def __init__(self, ledger: SqlLedger, relay: OutboxRelay, *, every: float) -> None:
+        self.ledger = ledger
+        self.relay = relay
+        self.every = every
+
+    async def reap_once(self) -> list[str]:
+        ids = await self.ledger.reap_expired()
+        if ids:
+            log.warning("requeued %d casts whose worker lease expired", len(ids))
+            self.relay.kick()
+        return ids
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reap_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lease reaper failed; retrying")
+            await asyncio.sleep(self.every)

@@ -41,6 +41,7 @@ class RunnerConfig:
     max_output_bytes: int
     artifact_ttl: int
     sandbox_uid: int
+    lease_sec: float = 30.0
 
 
 def _traversable(path: Path, uid: int) -> bool:
@@ -114,24 +115,32 @@ class RunExecutor:
         work = sandbox_work_dir(config.data_dir, config.sandbox_uid)
         self.bundles_dir = work / "bundles"
         self.runs_dir = work / "runs"
+        #: cast id → attempt this process is running (for lease renewal)
+        self.active: dict[str, int] = {}
+
+    async def heartbeat(self, cast_id: str) -> None:
+        attempt = self.active.get(cast_id)
+        if attempt is not None:
+            await self.ledger.extend_lease(cast_id, attempt, lease_sec=self.config.lease_sec)
 
     async def execute(self, cast_id: str) -> None:
-        claim = await self.ledger.claim(cast_id)
+        claim = await self.ledger.claim(cast_id, lease_sec=self.config.lease_sec)
         if claim is None:
             log.info("cast %s is not queued any more; nothing to do", cast_id)
             return
         cast, attempt = claim.cast, claim.attempt
+        self.active[cast_id] = attempt
         self.platform.hub.notify(cast_id)
-        await self.platform.audit.append(
-            "cast.running",
-            actor="worker",
-            cast_id=cast_id,
-            input_hash=cast.input_hash,
-            traceparent=cast.traceparent,
-            data={"attempt": attempt},
-        )
         run_dir = self.runs_dir / f"{cast_id}-{attempt}"
         try:
+            await self.platform.audit.append(
+                "cast.running",
+                actor="worker",
+                cast_id=cast_id,
+                input_hash=cast.input_hash,
+                traceparent=cast.traceparent,
+                data={"attempt": attempt},
+            )
             await self._run(cast, attempt, run_dir)
         except Exception:
             log.exception("cast %s attempt %d failed inside the platform", cast_id, attempt)
@@ -143,6 +152,7 @@ class RunExecutor:
                 message="the platform failed while running this cast; nothing was charged",
             )
         finally:
+            self.active.pop(cast_id, None)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
 
     async def _run(self, cast: Cast, attempt: int, run_dir: Path) -> None:
@@ -154,7 +164,7 @@ class RunExecutor:
         assert ex.bundle is not None and ex.entrypoint is not None
         bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
         input_path, out_dir = await asyncio.to_thread(self._prepare, run_dir, cast.input or {})
-        lines = _LineSink(self, cast.id)
+        lines = _LineSink(self, cast.id, attempt)
         spec = SandboxSpec(
             bundle_dir=bundle_dir,
             argv=build_argv(ex.entrypoint),
@@ -299,9 +309,10 @@ class RunExecutor:
 class _LineSink:
     """Turns a run's output lines into cast events, batched, bounded in number."""
 
-    def __init__(self, executor: RunExecutor, cast_id: str) -> None:
+    def __init__(self, executor: RunExecutor, cast_id: str, attempt: int) -> None:
         self.executor = executor
         self.cast_id = cast_id
+        self.attempt = attempt
         self.pending: list[tuple[str, dict[str, Any]]] = []
         self.count = 0
         self.last_flush = time.monotonic()
@@ -323,7 +334,7 @@ class _LineSink:
             return
         batch, self.pending = self.pending, []
         self.last_flush = time.monotonic()
-        await self.executor.ledger.append_events(self.cast_id, batch)
+        await self.executor.ledger.append_events(self.cast_id, batch, attempt=self.attempt)
         self.executor.platform.hub.notify(self.cast_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.config import Settings
@@ -19,6 +20,7 @@ async def _harness(aiohttp_client: Any, settings: Settings, **ov: Any) -> Harnes
 async def test_a_cast_interrupted_mid_run_is_run_again_after_a_restart(
     aiohttp_client: Any, settings: Settings
 ) -> None:
+    settings.run_lease_sec = 0.6  # the dead worker's lease lapses quickly
     first = await _harness(aiohttp_client, settings)
     maker = await first.token("m", "maker")
     caster = await first.token("c", "caster")
@@ -57,6 +59,15 @@ async def test_a_cast_whose_run_request_was_never_published_is_published_after_r
     assert await second.platform.ledger.unsent_outbox() == []
 
 
+class _Later:
+    def __init__(self, clock: Any, *, seconds: float) -> None:
+        self.clock = clock
+        self.delta = timedelta(seconds=seconds)
+
+    def now(self) -> datetime:
+        return self.clock.now() + self.delta  # type: ignore[no-any-return]
+
+
 async def test_a_stale_attempt_can_neither_finish_nor_bill_a_cast(
     aiohttp_client: Any, settings: Settings
 ) -> None:
@@ -69,7 +80,9 @@ async def test_a_stale_attempt_can_neither_finish_nor_bill_a_cast(
     stale = await ledger.claim(cast_id)
     assert stale is not None and stale.attempt == 1
     assert await ledger.claim(cast_id) is None  # nobody else may claim a running cast
-    assert await ledger.requeue_running() == [cast_id]  # its worker was lost
+    assert await ledger.reap_expired() == []  # its lease is still live
+    h.platform.clock = ledger.clock = _Later(ledger.clock, seconds=31)
+    assert await ledger.reap_expired() == [cast_id]  # its worker was lost
     fresh = await ledger.claim(cast_id)
     assert fresh is not None and fresh.attempt == 2
     assert await ledger.finish(cast_id, 1, succeeded=True, cost_cents=3) is None

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 03:28:36.507312
+Create Date: 2026-11-26 04:06:53.369194
 """
 
 from collections.abc import Sequence
@@ -74,6 +74,14 @@ def upgrade() -> None:
         sa.Column("total_used_cents", sa.BigInteger(), nullable=False),
         sa.Column("total_reserved_cents", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint(
+            "monthly_reserved_cents >= 0", name=op.f("ck_budgets_monthly_reserved_nonneg")
+        ),
+        sa.CheckConstraint("monthly_used_cents >= 0", name=op.f("ck_budgets_monthly_used_nonneg")),
+        sa.CheckConstraint(
+            "total_reserved_cents >= 0", name=op.f("ck_budgets_total_reserved_nonneg")
+        ),
+        sa.CheckConstraint("total_used_cents >= 0", name=op.f("ck_budgets_total_used_nonneg")),
         sa.ForeignKeyConstraint(
             ["account_id"],
             ["accounts.id"],
@@ -85,8 +93,8 @@ def upgrade() -> None:
     op.create_table(
         "bundles",
         sa.Column("digest", sa.String(length=80), nullable=False),
-        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("uploaded_by", sa.String(length=64), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["uploaded_by"],
@@ -94,7 +102,7 @@ def upgrade() -> None:
             name=op.f("fk_bundles_uploaded_by_accounts"),
             ondelete="RESTRICT",
         ),
-        sa.PrimaryKeyConstraint("digest", name=op.f("pk_bundles")),
+        sa.PrimaryKeyConstraint("digest", "uploaded_by", name=op.f("pk_bundles")),
     )
     op.create_table(
         "principals",
@@ -163,6 +171,7 @@ def upgrade() -> None:
         sa.Column("region", sa.String(length=32), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["caster_id"],
