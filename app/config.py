@@ -168,21 +168,30 @@ class Settings(BaseSettings):
     def signing_key(self) -> bytes:
         """The signing key; created (0600) in the data dir on first use when not configured."""
         if self.secret_key is not None and self.secret_key.get_secret_value():
-            return self.secret_key.get_secret_value().encode()
+            configured = self.secret_key.get_secret_value().encode()
+            if len(configured) < 32:
+                raise ValueError("SPELL_SECRET_KEY must be at least 32 characters")
+            return configured
         path = self.ensure_data_dir() / "secret.key"
-        try:
-            return path.read_bytes().strip()
-        except FileNotFoundError:
-            pass
-        key = secrets.token_urlsafe(48).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-        self.secret_key = SecretStr(key.decode())
+        if not path.exists():
+            # Write a complete key to a private temp file, then link it into place: a second
+            # process starting at the same moment either wins or reads the complete winner.
+            tmp = path.with_name(f".secret.key.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, secrets.token_urlsafe(48).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        key = path.read_bytes().strip()
+        if len(key) < 32:
+            raise ValueError(f"{path} holds a key shorter than 32 bytes; delete it or fix it")
         return key
 
 

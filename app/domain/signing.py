@@ -16,4 +16,5 @@ def sign_artifact(key: bytes, artifact_id: str, exp: int) -> str:
 
 
 def verify_artifact(key: bytes, artifact_id: str, exp: int, sig: str) -> bool:
-    return hmac.compare_digest(_mac(key, artifact_id, exp), sig)
+    expected = _mac(key, artifact_id, exp).encode()
+    return hmac.compare_digest(expected, sig.encode("utf-8", "replace"))

@@ -72,7 +72,9 @@ class Execution(_Strict):
 class Meter(_Strict):
     unit_cents: int = Field(ge=0, le=1_000_000, description="Price of `per` units, in cents.")
     per: int = Field(default=1, ge=1, description="Units the unit price covers.")
-    max: int = Field(ge=0, description="Most units one cast may use (bounds the estimate).")
+    max: int = Field(
+        ge=0, le=1_000_000_000, description="Most units one cast may use (bounds the estimate)."
+    )
 
 
 class Meters(_Strict):
@@ -138,10 +140,32 @@ class SpellDocument(_Strict):
             raise ValueError(f"not a valid JSON Schema at {where}: {e.message}") from None
         if v.get("type", "object") != "object":
             raise ValueError("the input schema must describe an object (type: object)")
+        remote = _remote_ref(v)
+        if remote is not None:
+            raise ValueError(
+                f"$ref {remote!r} points outside the schema; only local refs (#/...) are allowed"
+            )
         return v
 
     def allows_mode(self, mode: str) -> bool:
         return mode == self.execution.mode or mode in (self.execution.allowed_modes or [])
+
+
+def _remote_ref(node: Any) -> str | None:
+    """The first ``$ref``/``$dynamicRef`` that is not a local pointer, if any."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("$ref", "$dynamicRef") and isinstance(v, str) and not v.startswith("#"):
+                return v
+            found = _remote_ref(v)
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for item in node:
+            found = _remote_ref(item)
+            if found is not None:
+                return found
+    return None
 
 
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
@@ -162,7 +186,11 @@ def validate_input(schema: dict[str, Any], data: Any) -> list[tuple[str, str]]:
     """Check cast input against the spell's schema; return ``(path, message)`` for each error."""
     validator = Draft202012Validator(schema)
     out: list[tuple[str, str]] = []
-    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+    try:
+        errors = list(validator.iter_errors(data))
+    except Exception as e:  # an unresolvable $ref and the like: the schema's fault, not a crash
+        return [("/", f"the spell's input schema cannot be applied: {type(e).__name__}")]
+    for err in sorted(errors, key=lambda e: list(map(str, e.absolute_path))):
         path = "/" + "/".join(str(p) for p in err.absolute_path)
         if err.validator == "required" and isinstance(err.validator_value, list):
             # Name the missing property itself, not its parent.

@@ -124,6 +124,7 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         app[QUEUE] = queue
         app[RELAY] = relay
         tasks: list[asyncio.Task[None]] = []
+        executor: RunExecutor | None = None
         if ov.run_worker:
             if isinstance(queue, MemoryQueue):
                 # The in-process queue starts empty: publish every queued cast again (the
@@ -165,6 +166,8 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if executor is not None:
+                await asyncio.to_thread(executor.close)
             await queue.close()
             await audit.close()
             await engine.dispose()

@@ -41,6 +41,27 @@ def base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
+async def read_body(request: web.Request, limit: int, what: str) -> bytes:
+    """The whole body, at most ``limit`` bytes (413 beyond), whatever the transfer encoding."""
+    if request.content_length is not None and request.content_length > limit:
+        raise AppError("PAYLOAD_TOO_LARGE", f"{what} is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise AppError("PAYLOAD_TOO_LARGE", f"{what} is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json(request: web.Request) -> Any:
     """The JSON body, bounded in size; a clear 413/415/422 instead of a parser traceback."""
     limit = request.app[SETTINGS].max_body_bytes
@@ -49,16 +70,21 @@ async def read_json(request: web.Request) -> Any:
         raise AppError(
             "UNSUPPORTED_MEDIA_TYPE", f"send JSON (Content-Type: application/json), not {ctype}"
         )
-    if request.content_length is not None and request.content_length > limit:
-        raise AppError("PAYLOAD_TOO_LARGE", f"the JSON body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise AppError("PAYLOAD_TOO_LARGE", f"the JSON body is larger than {limit} bytes")
+    raw = await read_body(request, limit, "the JSON body")
     if not raw.strip():
         raise AppError("VALIDATION_ERROR", "the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = json.loads(raw, parse_constant=_no_constants)
+        # Lone surrogates parse but cannot be stored or hashed as UTF-8: refuse them here.
+        json.dumps(value, ensure_ascii=False).encode()
+        return value
+    except RecursionError:
+        raise AppError("VALIDATION_ERROR", "the JSON body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise AppError("VALIDATION_ERROR", "the JSON body contains invalid Unicode") from None
+    except ValueError as e:
+        if not isinstance(e, json.JSONDecodeError | UnicodeDecodeError):
+            raise AppError("VALIDATION_ERROR", f"malformed JSON: {e}") from None
         where = (
             f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         )
@@ -116,8 +142,8 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, Any] = {}
     ok = True
     try:
-        async with request.app[LEDGER].engine.connect() as conn:
-            await asyncio.wait_for(conn.execute(text("SELECT 1")), 2.0)
+        async with request.app[LEDGER].reader() as session:  # never waits for the write lock
+            await asyncio.wait_for(session.execute(text("SELECT 1")), 2.0)
         checks["database"] = "ok"
     except Exception as e:
         ok = False
@@ -156,11 +182,7 @@ async def upload_bundle(request: web.Request) -> web.Response:
     caller.require("spell:publish")
     settings = request.app[SETTINGS]
     limit = settings.max_bundle_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise AppError("PAYLOAD_TOO_LARGE", f"the bundle is larger than {limit} bytes")
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        raise AppError("PAYLOAD_TOO_LARGE", f"the bundle is larger than {limit} bytes")
+    data = await read_body(request, limit, "the bundle")
     try:
         digest = await asyncio.to_thread(
             store_bundle, data, settings.data_dir / "bundles", max_bytes=limit
@@ -305,6 +327,11 @@ async def cast_events(request: web.Request) -> web.StreamResponse:
                     return resp
             if events:
                 continue
+            current = await platform.ledger.get_cast(cast.id)
+            if current is not None and current.status in ("succeeded", "failed"):
+                # Resumed after the terminal event: nothing more will come.
+                await resp.write_eof()
+                return resp
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), 1.0)
             if time.monotonic() > keepalive_at:

@@ -62,7 +62,7 @@ def sandbox_work_dir(data_dir: Path, uid: int) -> Path:
     if os.geteuid() != 0 or _traversable(data_dir, uid):
         return data_dir
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-    work = Path(tempfile.gettempdir()) / f"spell-work-{digest}"
+    work = Path(tempfile.gettempdir()) / f"spell-work-{digest}-{os.getpid()}"
     work.mkdir(mode=0o711, exist_ok=True)
     st = work.stat()
     if st.st_uid != 0 or st.st_mode & 0o022:
@@ -113,10 +113,16 @@ class RunExecutor:
         self.config = config
         self.archive_dir = config.data_dir / "bundles"
         work = sandbox_work_dir(config.data_dir, config.sandbox_uid)
+        self.private_work_dir = work if work != config.data_dir.resolve() else None
         self.bundles_dir = work / "bundles"
         self.runs_dir = work / "runs"
         #: cast id → attempt this process is running (for lease renewal)
         self.active: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Remove this process's private work folder (extracted bundles, run folders)."""
+        if self.private_work_dir is not None:
+            shutil.rmtree(self.private_work_dir, ignore_errors=True)
 
     async def heartbeat(self, cast_id: str) -> None:
         attempt = self.active.get(cast_id)

@@ -93,3 +93,27 @@ async def test_a_stale_attempt_can_neither_finish_nor_bill_a_cast(
     assert [ln.amount_cents for ln in lines] == [3]
     view = await ledger.budget("c")
     assert view is not None and view.monthly.used_cents == 3 and view.monthly.reserved_cents == 0
+
+
+async def test_queued_casts_already_handed_to_the_dead_queue_still_run_after_restart(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    settings.workers = 1
+    settings.run_lease_sec = 0.6
+    first = await _harness(aiohttp_client, settings)
+    maker = await first.token("m", "maker")
+    caster = await first.token("c", "caster")
+    await first.publish(maker, flat_cents=10)
+    first.sandbox.gate.clear()
+    ids = [(await (await first.cast(caster)).json())["cast_id"] for _ in range(3)]
+    while not first.sandbox.runs or await first.platform.ledger.unsent_outbox():
+        await asyncio.sleep(0.01)
+    await first.client.close()
+
+    second = await _harness(aiohttp_client, settings)
+    for cast_id in ids:
+        assert (await second.wait_cast(caster, cast_id))["status"] == "succeeded"
+    caps = await (
+        await second.client.get("/v1/billing/caps", headers={"Authorization": f"Bearer {caster}"})
+    ).json()
+    assert (caps["monthly"]["used_cents"], caps["monthly"]["reserved_cents"]) == (30, 0)
