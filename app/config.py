@@ -126,6 +126,48 @@ class Settings(BaseSettings):
         "is queued again.",
     )
     log_level: str = Field(default="INFO", validation_alias="SPELL_LOG_LEVEL")
+
+    # --- GitHub App (off until configured; `spell app create` writes these) -----------------
+    github_app_id: str | None = Field(
+        default=None, validation_alias="GITHUB_APP_ID", description="The GitHub App's id."
+    )
+    github_private_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="GITHUB_APP_PRIVATE_KEY",
+        description="The App's private key (PEM text).",
+    )
+    github_private_key_path: Path | None = Field(
+        default=None,
+        validation_alias="GITHUB_APP_PRIVATE_KEY_PATH",
+        description="File holding the App's private key (PEM), instead of the text.",
+    )
+    github_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias="GITHUB_WEBHOOK_SECRET",
+        description="Webhook secret; several, comma-separated, during a rotation.",
+    )
+    github_api_url: str = Field(
+        default="https://api.github.com",
+        validation_alias="GITHUB_API_URL",
+        description="GitHub REST API base (GitHub Enterprise: https://HOST/api/v3).",
+    )
+    github_command_permission: str = Field(
+        default="write",
+        pattern=r"^(read|triage|write|maintain|admin)$",
+        validation_alias="SPELL_GITHUB_COMMAND_PERMISSION",
+        description="Least repository permission a commenter needs for slash commands.",
+    )
+    github_allow_edited_comments: bool = Field(
+        default=False,
+        validation_alias="SPELL_GITHUB_ALLOW_EDITED_COMMENTS",
+        description="Also act on edited comments (off: only new comments cast).",
+    )
+    max_webhook_bytes: int = Field(
+        default=25 * 1024 * 1024,
+        ge=1024,
+        validation_alias="SPELL_MAX_WEBHOOK_BYTES",
+        description="Largest webhook delivery accepted (GitHub sends at most 25 MB).",
+    )
     idempotency_ttl: int = Field(
         default=24 * 3600,
         ge=60,
@@ -137,6 +179,25 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    def webhook_secrets(self) -> list[str]:
+        if self.github_webhook_secret is None:
+            return []
+        raw = self.github_webhook_secret.get_secret_value()
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+    def github_key_pem(self) -> str | None:
+        if self.github_private_key is not None and self.github_private_key.get_secret_value():
+            return self.github_private_key.get_secret_value()
+        if self.github_private_key_path is not None:
+            return self.github_private_key_path.read_text()
+        return None
+
+    @property
+    def github_enabled(self) -> bool:
+        return bool(self.github_app_id) and (
+            self.github_private_key is not None or self.github_private_key_path is not None
+        )
 
     def uid_pool(self) -> range:
         if not self.sandbox_uid_pool:

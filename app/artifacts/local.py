@@ -41,5 +41,8 @@ class LocalArtifactStore:
             raise FileNotFoundError(location)
         return path
 
+    async def redirect_url(self, location: str) -> str | None:
+        return None  # served by the platform itself
+
     async def delete(self, location: str) -> None:
         self._path(location).unlink(missing_ok=True)

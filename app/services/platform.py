@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +40,23 @@ class CastRequest(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     mode: str | None = None
     version: str | None = None
+    repo: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,39}/[A-Za-z0-9_.-]{1,100}$",
+        description="Workflow mode: the repository to run in (default: the spell's).",
+    )
+
+
+@dataclass(frozen=True)
+class CastOrigin:
+    """Where a cast came from when it was not the REST API (a comment, a repository_dispatch)."""
+
+    source: str  # comment | repository_dispatch
+    installation_id: int
+    repo: str
+    issue_number: int | None = None
+    comment_id: int | None = None
+    head_sha: str | None = None
 
 
 class CapsRequest(BaseModel):
@@ -85,6 +102,7 @@ class Platform:
         metrics: Metrics,
         sandbox_ready: Callable[[], str | None],
         kick_outbox: Callable[[], None],
+        repo_access: Callable[[str], Awaitable[int | None]] | None = None,
     ) -> None:
         self.config = config
         self.ledger = ledger
@@ -96,6 +114,9 @@ class Platform:
         #: returns None when service runs can be accepted, else the reason they cannot
         self.sandbox_ready = sandbox_ready
         self.kick_outbox = kick_outbox
+        #: workflow mode: the App installation that granted a repository (None: not reachable);
+        #: unset when the GitHub App is not configured
+        self.repo_access = repo_access
 
     # ------------------------------------------------------------------ tokens & accounts
 
@@ -270,6 +291,7 @@ class Platform:
         idempotency_key: str,
         traceparent: str,
         base_url: str,
+        origin: CastOrigin | None = None,
     ) -> tuple[int, dict[str, Any], bool]:
         """Accept a cast: validate, reserve the estimate, queue the run. Idempotent per key."""
         caller.require("cast:invoke")
@@ -301,30 +323,37 @@ class Platform:
                 f"{where}: {message}",
                 detail={"path": where, "errors": len(problems)},
             )
-        if mode == "workflow":
-            raise AppError(
-                "UNAVAILABLE",
-                "workflow mode needs the GitHub App; configure it with `spell app create`",
-            )
         if mode == "clone":
             raise AppError(
                 "UNAVAILABLE",
                 "clone spells are bought, not cast: POST /v1/catalog/spells/{id}/purchase",
             )
-        reason = self.sandbox_ready()
-        if reason is not None:
-            raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
+        target_repo: str | None = None
+        installation_id: int | None = None
+        if mode == "workflow":
+            assert doc.execution.workflow is not None
+            target_repo = (
+                req.repo or (origin.repo if origin else None) or doc.execution.workflow.repo
+            )
+            installation_id = await self._installation(target_repo)
+        else:
+            reason = self.sandbox_ready()
+            if reason is not None:
+                raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
 
         estimate = estimate_cents(doc.pricing)
         ihash = input_hash(req.input)
         now = self.clock.now()
         period = month_period(now)
         from app.store.ledger import new_id
-        from app.store.models import Cast
+        from app.store.models import Cast, CastTarget
 
         cast_id = new_id("c")
-        assert doc.execution.bundle is not None
-        subject = "run." + doc.execution.bundle.removeprefix("sha256:")
+        if mode == "workflow":
+            subject = "github.dispatch"
+        else:
+            assert doc.execution.bundle is not None
+            subject = "run." + doc.execution.bundle.removeprefix("sha256:")
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
             held, reserved_period = "none", period
@@ -354,6 +383,23 @@ class Platform:
                 created_at=now,
             )
             await self.ledger.insert_cast(s, cast, subject=subject)
+            if origin is not None or target_repo is not None:
+                s.add(
+                    CastTarget(
+                        cast_id=cast_id,
+                        source=origin.source if origin else "api",
+                        installation_id=installation_id
+                        if installation_id is not None
+                        else (origin.installation_id if origin else None),
+                        repo=(target_repo or (origin.repo if origin else "")).lower() or None,
+                        issue_number=origin.issue_number if origin else None,
+                        comment_id=origin.comment_id if origin else None,
+                        head_sha=origin.head_sha if origin else None,
+                        workflow_id=doc.execution.workflow.workflow_id
+                        if mode == "workflow" and doc.execution.workflow
+                        else None,
+                    )
+                )
             return 202, {
                 "cast_id": cast_id,
                 "status": "queued",
@@ -391,6 +437,22 @@ class Platform:
         out = dict(resp)
         out["progress_sse"] = base_url + str(resp["progress_sse"])
         return out
+
+    async def _installation(self, repo: str) -> int:
+        if self.repo_access is None:
+            raise AppError(
+                "UNAVAILABLE",
+                "workflow mode needs the GitHub App; configure it with `spell app create`",
+            )
+        installation = await self.repo_access(repo)
+        if installation is None:
+            raise AppError(
+                "FORBIDDEN_REPO",
+                f"the Spell Platform GitHub App cannot reach {repo}: its owner must install the "
+                "App and grant it this repository (Settings → Integrations → GitHub Apps)",
+                detail={"repo": repo},
+            )
+        return installation
 
     async def _cap_error(self, s: Any, account_id: str, estimate: int) -> AppError:
         view = await self.ledger.budget(account_id, s)
@@ -466,7 +528,10 @@ class Platform:
         sig = sign_artifact(self.config.signing_key, art.id, exp)
         return f"/v1/artifacts/{art.id}?exp={exp}&sig={sig}"
 
-    async def open_artifact(self, artifact_id: str, exp: str, sig: str) -> tuple[Artifact, Path]:
+    async def open_artifact(
+        self, artifact_id: str, exp: str, sig: str
+    ) -> tuple[Artifact, Path | str]:
+        """The artifact and where to get it: a local file, or a fresh short-lived URL."""
         try:
             exp_i = int(exp)
         except ValueError:
@@ -480,6 +545,9 @@ class Platform:
                 "ARTIFACT_EXPIRED", "this artifact link has expired; cast the spell again"
             )
         try:
+            url = await self.artifacts.redirect_url(art.location)
+            if url is not None:
+                return art, url
             path = await self.artifacts.open_path(art.location)
         except FileNotFoundError:
             raise AppError(

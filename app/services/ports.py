@@ -59,6 +59,10 @@ class ArtifactStore(Protocol):
 
     async def open_path(self, location: str) -> Path: ...
 
+    async def redirect_url(self, location: str) -> str | None:
+        """A short-lived URL to send the client to instead of streaming (None: stream it)."""
+        ...
+
     async def delete(self, location: str) -> None: ...
 
 

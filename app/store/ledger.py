@@ -35,6 +35,7 @@ from app.store.models import (
     Bundle,
     Cast,
     CastEvent,
+    CastTarget,
     IdempotencyKey,
     IssuedToken,
     LedgerLine,
@@ -702,9 +703,24 @@ class SqlLedger:
             )
             return cast
 
+    async def _notify_origin(self, s: AsyncSession, cast: Cast) -> None:
+        """A cast started from GitHub ended: queue the feedback job (comment, check run) with
+        the state change, in the same transaction."""
+        source = await s.scalar(select(CastTarget.source).where(CastTarget.cast_id == cast.id))
+        if source in ("comment", "repository_dispatch"):
+            s.add(
+                Outbox(
+                    subject="github.notify",
+                    msg_id=f"notify:{cast.id}:{cast.status}",
+                    payload={"cast_id": cast.id},
+                    created_at=self.clock.now(),
+                )
+            )
+
     async def _close_reservation(
         self, s: AsyncSession, cast: Cast, *, succeeded: bool, cost: int
     ) -> None:
+        await self._notify_origin(s, cast)
         if succeeded:
             cost = min(cost, cast.estimate_cents)
             await self._unreserve(s, cast, cost=cost, new_state="settled")
@@ -723,6 +739,29 @@ class SqlLedger:
                 )
         else:
             await self._unreserve(s, cast, cost=0, new_state="released")
+
+    async def set_run_url(self, cast_id: str, run_url: str) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Cast)
+                .where(Cast.id == cast_id)
+                .values(run_url=run_url[:2000])
+                .execution_options(synchronize_session=False)
+            )
+
+    async def overdue_workflow_casts(self, limit: int = 100) -> list[Cast]:
+        """Running workflow-mode casts past their deadline (their lease is the spell timeout)."""
+        async with self.reader() as s:
+            rows = await s.scalars(
+                select(Cast)
+                .where(
+                    Cast.status == "running",
+                    Cast.mode == "workflow",
+                    Cast.lease_until < self.clock.now(),
+                )
+                .limit(limit)
+            )
+            return list(rows.all())
 
     async def reap_expired(self) -> list[str]:
         """Running casts whose lease lapsed (their worker died or hung) go back to ``queued``

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -265,3 +266,78 @@ class AuditPointer(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class GitHubInstallation(Base):
+    """An installation of the GitHub App (from ``installation`` webhooks)."""
+
+    __tablename__ = "github_installations"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    account_login: Mapped[str] = mapped_column(String(100))
+    account_type: Mapped[str] = mapped_column(String(20))
+    repository_selection: Mapped[str] = mapped_column(String(10), default="selected")
+    suspended_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class GitHubRepo(Base):
+    """The allow-list: repositories an installation granted (``installation_repositories``)."""
+
+    __tablename__ = "github_repos"
+    full_name: Mapped[str] = mapped_column(String(200), primary_key=True)  # lower-case owner/name
+    installation_id: Mapped[int] = mapped_column(
+        ForeignKey("github_installations.id", ondelete="CASCADE"), index=True
+    )
+    repo_id: Mapped[int] = mapped_column(BigInteger)
+    private: Mapped[bool] = mapped_column(default=False)
+    added_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class GitHubLink(Base):
+    """Which platform account a GitHub user (commenter) or owner (repository_dispatch) acts as."""
+
+    __tablename__ = "github_links"
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # user | owner
+    login: Mapped[str] = mapped_column(String(100), primary_key=True)  # lower-case
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16), default="caster")
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class WebhookDelivery(Base):
+    """Every accepted webhook delivery, stored raw before anything is parsed (the inbox)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status", "status", "received_at"),)
+    delivery_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # github | stripe
+    event: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16))  # pending | done | ignored | failed | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(TZ)
+    processed_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class CastTarget(Base):
+    """Where a cast came from and where it runs on GitHub (comment, check run, workflow run)."""
+
+    __tablename__ = "cast_targets"
+    __table_args__ = (Index("ix_cast_targets_run", "repo", "run_id"),)
+    cast_id: Mapped[str] = mapped_column(
+        ForeignKey("casts.id", ondelete="CASCADE"), primary_key=True
+    )
+    source: Mapped[str] = mapped_column(String(24))  # api | comment | repository_dispatch
+    installation_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    issue_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bot_comment_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    check_run_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    head_sha: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    workflow_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    run_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)

@@ -15,10 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
+from app.artifacts.github import GitHubArtifactStore
 from app.artifacts.local import LocalArtifactStore
+from app.artifacts.routing import RoutingArtifactStore
 from app.bus.memory import MemoryQueue
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
+from app.github.client import GitHubClient
+from app.github.service import GitHubConfig, GitHubService
 from app.observability.metrics import Metrics
 from app.runner.sandbox import Sandbox, SandboxUnavailable, detect_sandbox
 from app.services.events import EventHub
@@ -26,10 +30,15 @@ from app.services.platform import Platform, PlatformConfig
 from app.services.ports import ArtifactStore, Clock, Queue, SystemClock
 from app.store.auditlog import AuditLog
 from app.store.db import make_engine, upgrade
+from app.store.github_store import GitHubStore
+from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
 from app.web.keys import (
     CLOSING,
     CONSUMER,
+    GITHUB,
+    INBOX,
+    JOBS,
     LEDGER,
     LIMITER,
     METRICS,
@@ -41,7 +50,7 @@ from app.web.keys import (
 )
 from app.web.middlewares import authenticate_and_limit, envelope
 from app.web.routes import routes
-from app.worker.consumer import LeaseReaper, OutboxRelay, RunConsumer
+from app.worker.consumer import JobConsumer, LeaseReaper, OutboxRelay, RunConsumer
 from app.worker.runs import RunExecutor, RunnerConfig
 
 log = logging.getLogger("spell.app")
@@ -57,6 +66,9 @@ class Overrides:
     sandbox: Sandbox | None = None
     queue: Queue | None = None
     artifacts: ArtifactStore | None = None
+    jobs: Queue | None = None
+    github: GitHubClient | None = None
+    job_backoff: float = 1.0
     run_worker: bool = True
     migrate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +111,17 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         )
         await audit.start()
         queue = ov.queue or MemoryQueue()
-        relay = OutboxRelay(ledger, queue)
+        jobs = ov.jobs or MemoryQueue(ack_wait=60.0, max_deliver=6)
+        relay = OutboxRelay(ledger, queue, routes={"webhook.": jobs, "github.": jobs})
+        inbox = Inbox(ledger, clock)
+        github = _github(settings, ov)
+        store = GitHubStore(ledger, clock)
+        local_artifacts = ov.artifacts or LocalArtifactStore(settings.data_dir / "artifacts")
+        artifacts: ArtifactStore = local_artifacts
+        if github is not None:
+            artifacts = RoutingArtifactStore(
+                local_artifacts, {"github:": GitHubArtifactStore(github)}
+            )
         state = app[SANDBOX_STATE]
         sandbox = await _sandbox(settings, ov, state)
         platform = Platform(
@@ -112,19 +134,53 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             ),
             ledger=ledger,
             audit=audit,
-            artifacts=ov.artifacts or LocalArtifactStore(settings.data_dir / "artifacts"),
+            artifacts=artifacts,
             clock=clock,
             hub=EventHub(),
             metrics=app[METRICS],
             sandbox_ready=lambda: None if state["ready"] else str(state["reason"]),
             kick_outbox=relay.kick,
+            repo_access=store.installation_for if github is not None else None,
         )
         app[LEDGER] = ledger
         app[PLATFORM] = platform
         app[QUEUE] = queue
         app[RELAY] = relay
+        app[INBOX] = inbox
+        app[JOBS] = jobs
+        gh_service: GitHubService | None = None
+        if github is not None:
+            gh_service = GitHubService(
+                config=GitHubConfig(
+                    app_id=str(settings.github_app_id),
+                    command_permission=settings.github_command_permission,
+                    allow_edited_comments=settings.github_allow_edited_comments,
+                    public_url=(settings.public_url or "http://127.0.0.1:8080").rstrip("/"),
+                ),
+                platform=platform,
+                store=store,
+                inbox=inbox,
+                client=github,
+            )
+            app[GITHUB] = gh_service
         tasks: list[asyncio.Task[None]] = []
         executor: RunExecutor | None = None
+        if ov.run_worker and gh_service is not None:
+            job_consumer = JobConsumer(
+                jobs,
+                {
+                    "webhook.github": gh_service.on_webhook_job,
+                    "github.dispatch": gh_service.on_dispatch_job,
+                    "github.notify": gh_service.on_notify_job,
+                },
+                max_deliver=jobs.max_deliver if isinstance(jobs, MemoryQueue) else 6,
+                backoff=ov.job_backoff,
+                on_dead=gh_service.on_dead_job,
+            )
+            tasks.append(asyncio.create_task(job_consumer.run(), name="github-jobs"))
+            tasks.append(
+                asyncio.create_task(_workflow_deadlines(gh_service), name="workflow-deadlines")
+            )
         if ov.run_worker:
             if isinstance(queue, MemoryQueue):
                 # The in-process queue starts empty: publish every queued cast again (the
@@ -169,6 +225,9 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             if executor is not None:
                 await asyncio.to_thread(executor.close)
             await queue.close()
+            await jobs.close()
+            if github is not None and ov.github is None:
+                await github.aclose()
             await audit.close()
             await engine.dispose()
 
@@ -194,6 +253,27 @@ async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> 
             "SPELL_UNSAFE_NO_SANDBOX=1: spells run WITHOUT isolation. Local development only!"
         )
     return sandbox
+
+
+def _github(settings: Settings, ov: Overrides) -> GitHubClient | None:
+    if ov.github is not None:
+        return ov.github
+    if not settings.github_enabled:
+        return None
+    pem = settings.github_key_pem()
+    assert pem is not None and settings.github_app_id is not None
+    return GitHubClient(settings.github_api_url, settings.github_app_id, pem)
+
+
+async def _workflow_deadlines(gh: GitHubService, every: float = 5.0) -> None:
+    while True:
+        try:
+            await gh.expire_overdue()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("workflow deadline sweep failed")
+        await asyncio.sleep(every)
 
 
 async def _sweeper(ledger: SqlLedger, every: float = 3600.0) -> None:

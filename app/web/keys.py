@@ -8,9 +8,11 @@ from aiohttp import web
 
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
+from app.github.service import GitHubService
 from app.observability.metrics import Metrics
 from app.services.platform import Platform
 from app.services.ports import Queue
+from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
 from app.worker.consumer import OutboxRelay, RunConsumer
 
@@ -21,6 +23,9 @@ METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
 QUEUE = web.AppKey("queue", Queue)
 RELAY = web.AppKey("relay", OutboxRelay)
+INBOX = web.AppKey("inbox", Inbox)
+JOBS = web.AppKey("jobs", Queue)
+GITHUB = web.AppKey("github", GitHubService)
 CONSUMER = web.AppKey("consumer", RunConsumer)
 SANDBOX_STATE = web.AppKey("sandbox_state", dict)
 CLOSING = web.AppKey("closing", asyncio.Event)  # set on shutdown: long-lived streams end

@@ -99,6 +99,13 @@ def _pydantic_schemas() -> dict[str, Schema]:
     return out
 
 
+def _github_delivery() -> Schema:
+    return {
+        "type": "object",
+        "description": "A GitHub webhook payload (https://docs.github.com/webhooks).",
+    }
+
+
 def _schemas() -> dict[str, Schema]:
     price = _object(
         {
@@ -356,6 +363,7 @@ def _schemas() -> dict[str, Schema]:
     clash = set(schemas) & set(generated)
     assert not clash, f"component names defined twice: {sorted(clash)}"
     schemas.update(generated)
+    schemas["GitHubDelivery"] = _github_delivery()
     return dict(sorted(schemas.items()))
 
 
@@ -668,7 +676,87 @@ def _paths() -> dict[str, Schema]:
         return [_param("q"), _param("tag"), _sort(default_sort), _param("limit"), _param("offset")]
 
     ops_tag = "operations"
+
+    def _plain_error(description: str, code: str, message: str) -> Schema:
+        return {
+            "description": description,
+            "content": {
+                JSON: {
+                    "schema": _schema("Error"),
+                    "example": {"error": {"code": code, "message": message}},
+                }
+            },
+        }
+
     return {
+        "/webhooks/github": {
+            "post": _op(
+                "githubWebhook",
+                "webhooks",
+                "GitHub App webhook",
+                "Verifies `X-Hub-Signature-256` (HMAC-SHA256 of the raw body with the webhook "
+                "secret) before anything is parsed, stores the raw delivery (deduplicated by "
+                "`X-GitHub-Delivery`) and acknowledges; handlers run later from the jobs queue. "
+                "`ping` is answered at once. Authenticated by the signature, not a bearer token.",
+                {
+                    "200": {
+                        "description": "A `ping`, or a delivery already received (duplicate).",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    },
+                    "202": {
+                        "description": "Stored; it will be handled from the queue.",
+                        "content": {
+                            JSON: {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["delivery_id", "duplicate"],
+                                    "properties": {
+                                        "delivery_id": {"type": "string"},
+                                        "duplicate": {"type": "boolean"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _plain_error(
+                        "Missing or wrong signature.", "UNAUTHORIZED", "webhook signature rejected"
+                    ),
+                    "413": _plain_error(
+                        "Over the delivery size limit.", "PAYLOAD_TOO_LARGE", "too large"
+                    ),
+                    "422": _plain_error(
+                        "Not a GitHub delivery (headers missing).",
+                        "VALIDATION_ERROR",
+                        "missing X-GitHub-Event header",
+                    ),
+                    "503": _plain_error(
+                        "The GitHub App is not configured.", "UNAVAILABLE", "not configured"
+                    ),
+                },
+                parameters=[
+                    {
+                        "name": "X-Hub-Signature-256",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^sha256=[0-9a-f]{64}$"},
+                    },
+                    {
+                        "name": "X-GitHub-Event",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "X-GitHub-Delivery",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 64},
+                    },
+                ],
+                body=_json_body("GitHubDelivery", "The delivery exactly as GitHub sent it."),
+                public=True,
+            )
+        },
         "/healthz": {
             "get": _op(
                 "healthz",

@@ -14,13 +14,17 @@ from aiohttp import web
 from sqlalchemy import text
 
 from app.errors import AppError
+from app.github.webhooks import BadDelivery, DeliveryHeaders, InvalidSignature, verify_signature
 from app.runner.bundle import BundleError, store_bundle
 from app.web.keys import (
     CLOSING,
+    GITHUB,
+    INBOX,
     LEDGER,
     METRICS,
     PLATFORM,
     RATELIMIT_HEADERS,
+    RELAY,
     SANDBOX_STATE,
     SETTINGS,
     TRACEPARENT,
@@ -373,6 +377,8 @@ async def download_artifact(request: web.Request) -> web.StreamResponse:
     art, path = await request.app[PLATFORM].open_artifact(
         request.match_info["artifact_id"], q["exp"], q["sig"]
     )
+    if isinstance(path, str):  # kept by GitHub: a freshly minted, one-minute download URL
+        raise web.HTTPFound(path, headers={"Cache-Control": "private, no-store"})
     return web.FileResponse(
         path,
         headers={
@@ -382,4 +388,38 @@ async def download_artifact(request: web.Request) -> web.StreamResponse:
             + base64.b64encode(bytes.fromhex(art.digest.removeprefix("sha256:"))).decode(),
             "Cache-Control": "private, no-store",
         },
+    )
+
+
+# ---------------------------------------------------------------------- webhooks
+
+
+@routes.post("/webhooks/github")
+async def github_webhook(request: web.Request) -> web.Response:
+    """Verify, store raw, acknowledge. No JSON parsing and no GitHub call on this path:
+    handlers run from the jobs queue (``app.github.handlers``)."""
+    settings = request.app[SETTINGS]
+    secrets = settings.webhook_secrets()
+    if not secrets or GITHUB not in request.app:
+        raise AppError(
+            "UNAVAILABLE",
+            "the GitHub App is not configured (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY[_PATH], "
+            "GITHUB_WEBHOOK_SECRET); run `spell app create`",
+        )
+    body = await read_body(request, settings.max_webhook_bytes, "the delivery")
+    try:
+        verify_signature(body, signature=request.headers.get("X-Hub-Signature-256"), secret=secrets)
+    except InvalidSignature as e:
+        raise AppError("UNAUTHORIZED", f"webhook signature rejected: {e.reason}") from None
+    try:
+        hdr = DeliveryHeaders.from_headers(request.headers)
+    except BadDelivery as e:
+        raise AppError("VALIDATION_ERROR", f"not a GitHub delivery: {e.reason}") from None
+    if hdr.event == "ping":
+        return web.json_response({"ok": True, "pong": hdr.delivery_id})
+    fresh = await request.app[INBOX].accept("github", hdr.delivery_id, hdr.event, body)
+    if fresh:
+        request.app[RELAY].kick()
+    return web.json_response(
+        {"delivery_id": hdr.delivery_id, "duplicate": not fresh}, status=202 if fresh else 200
     )

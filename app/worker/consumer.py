@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from app.services.ports import Message, Queue
 from app.store.ledger import SqlLedger
@@ -20,14 +21,29 @@ class OutboxRelay:
     dropped by the queue's duplicate window; the claim step guards against anything older.
     """
 
-    def __init__(self, ledger: SqlLedger, queue: Queue, *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        ledger: SqlLedger,
+        queue: Queue,
+        *,
+        poll_interval: float = 1.0,
+        routes: dict[str, Queue] | None = None,
+    ) -> None:
         self.ledger = ledger
         self.queue = queue
         self.poll_interval = poll_interval
+        #: subject prefix → queue (e.g. "webhook." → the jobs queue); the rest go to ``queue``
+        self.routes = routes or {}
         self._kick = asyncio.Event()
 
     def kick(self) -> None:
         self._kick.set()
+
+    def queue_for(self, subject: str) -> Queue:
+        for prefix, queue in self.routes.items():
+            if subject.startswith(prefix):
+                return queue
+        return self.queue
 
     async def relay_once(self) -> int:
         rows = await self.ledger.unsent_outbox()
@@ -37,7 +53,9 @@ class OutboxRelay:
             tp = row.payload.get("traceparent")
             if tp:
                 headers["traceparent"] = str(tp)
-            await self.queue.publish(row.subject, row.payload, msg_id=row.msg_id, headers=headers)
+            await self.queue_for(row.subject).publish(
+                row.subject, row.payload, msg_id=row.msg_id, headers=headers
+            )
             sent.append(row.id)
         await self.ledger.mark_sent(sent)
         return len(sent)
@@ -178,3 +196,89 @@ class LeaseReaper:
             except Exception:
                 log.exception("lease reaper failed; retrying")
             await asyncio.sleep(self.every)
+
+
+JobHandler = Callable[[Message], Awaitable[None]]
+DeadHandler = Callable[[Message, str], Awaitable[None]]
+
+
+class JobConsumer:
+    """Background jobs (webhook handling, GitHub dispatches): retries with backoff, then a
+    dead-letter record through ``on_dead``. Handlers must be idempotent: delivery is
+    at-least-once."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        handlers: dict[str, JobHandler],
+        *,
+        concurrency: int = 4,
+        max_deliver: int = 5,
+        backoff: float = 1.0,
+        on_dead: DeadHandler | None = None,
+    ) -> None:
+        self.queue = queue
+        self.handlers = handlers
+        self.concurrency = concurrency
+        self.max_deliver = max_deliver
+        self.backoff = backoff
+        self.on_dead = on_dead
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(self.concurrency):
+                tg.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                msgs = await self.queue.fetch(1, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetching jobs failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self.handle(msg)
+
+    def _handler(self, subject: str) -> JobHandler | None:
+        for prefix, handler in self.handlers.items():
+            if subject.startswith(prefix):
+                return handler
+        return None
+
+    async def handle(self, msg: Message) -> None:
+        handler = self._handler(msg.subject)
+        if handler is None:
+            log.error("no handler for job subject %s; dropping it", msg.subject)
+            await msg.ack()
+            return
+        try:
+            await handler(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if msg.num_delivered >= self.max_deliver:
+                log.exception(
+                    "job %s failed %d times; dead-lettered", msg.msg_id, msg.num_delivered
+                )
+                if self.on_dead is not None:
+                    try:
+                        await self.on_dead(msg, f"{type(e).__name__}: {e}"[:2000])
+                    except Exception:
+                        log.exception("recording dead job %s failed", msg.msg_id)
+                await msg.ack()
+                return
+            delay = self.backoff * (2 ** (msg.num_delivered - 1))
+            log.warning(
+                "job %s failed (attempt %d), retrying in %.1f s: %s: %s",
+                msg.msg_id,
+                msg.num_delivered,
+                delay,
+                type(e).__name__,
+                str(e)[:300],
+            )
+            await msg.nak(delay=delay)
+            return
+        await msg.ack()

@@ -1,0 +1,85 @@
+"""The webhook inbox: raw deliveries stored durably before anything parses them.
+
+A delivery row and its outbox message commit together, so an acknowledged delivery is never
+lost; the delivery id is the primary key, so a redelivered one is recognised and dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from app.services.ports import Clock
+from app.store.ledger import SqlLedger
+from app.store.models import Outbox, WebhookDelivery
+
+
+class Inbox:
+    def __init__(self, ledger: SqlLedger, clock: Clock) -> None:
+        self.ledger = ledger
+        self.clock = clock
+
+    async def accept(self, source: str, delivery_id: str, event: str, body: bytes) -> bool:
+        """Store a verified delivery; False if this delivery id was seen before."""
+        now = self.clock.now()
+        async with self.ledger.sessions.begin() as s:
+            res = await s.execute(
+                self.ledger._insert(WebhookDelivery)
+                .values(
+                    delivery_id=delivery_id,
+                    source=source,
+                    event=event,
+                    body=body,
+                    status="pending",
+                    attempts=0,
+                    received_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["delivery_id"])
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(
+                Outbox(
+                    subject=f"webhook.{source}",
+                    msg_id=f"wh:{delivery_id}",
+                    payload={"delivery_id": delivery_id},
+                    created_at=now,
+                )
+            )
+            return True
+
+    async def get(self, delivery_id: str) -> WebhookDelivery | None:
+        async with self.ledger.reader() as s:
+            return await s.get(WebhookDelivery, delivery_id)
+
+    async def start_attempt(self, delivery_id: str) -> int:
+        async with self.ledger.sessions.begin() as s:
+            n = await s.scalar(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.delivery_id == delivery_id)
+                .values(attempts=WebhookDelivery.attempts + 1)
+                .returning(WebhookDelivery.attempts)
+                .execution_options(synchronize_session=False)
+            )
+            return int(n or 0)
+
+    async def finish(self, delivery_id: str, status: str, error: str | None = None) -> None:
+        async with self.ledger.sessions.begin() as s:
+            await s.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.delivery_id == delivery_id)
+                .values(status=status, last_error=error, processed_at=self.clock.now())
+                .execution_options(synchronize_session=False)
+            )
+
+    async def by_status(
+        self, statuses: Sequence[str], *, since: datetime | None = None, limit: int = 500
+    ) -> list[WebhookDelivery]:
+        stmt = select(WebhookDelivery).where(WebhookDelivery.status.in_(list(statuses)))
+        if since is not None:
+            stmt = stmt.where(WebhookDelivery.received_at >= since)
+        async with self.ledger.reader() as s:
+            rows = await s.scalars(stmt.order_by(WebhookDelivery.received_at).limit(limit))
+            return list(rows.all())

@@ -1,0 +1,389 @@
+"""The GitHub App end to end against the contract-enforcing fake GitHub and real webhook payloads.
+
+signed issue_comment → inbox → jobs queue → permission check → dispatch → signed workflow_run →
+artifacts → bot comment edited → cast settled; and the refusals around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zipfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from app.config import Settings
+from app.store.github_store import GitHubStore
+from app.web.app import Overrides, create_app
+from tests.conftest import FakeSandbox, Harness
+from tests.contract.contracts import webhook_examples
+from tests.contract.fake_github import FakeGitHub
+
+SECRET = "webhook-secret-for-tests"
+REPO = "octo-org/app-repo"
+INSTALLATION = 4242
+WF_SPELL = "com.example.wf"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeGitHub]:
+    gh = FakeGitHub()
+    gh.add_installation(
+        INSTALLATION,
+        "octo-org",
+        ["app-repo"],
+        {
+            "contents": "read",
+            "actions": "write",
+            "issues": "write",
+            "pull_requests": "write",
+            "checks": "write",
+        },
+    )
+    gh.set_permission(REPO, "octocat", "write")
+    gh.set_permission(REPO, "reader", "read")
+    gh.add_workflow(REPO, "spell-run.yml")
+    await gh.start()
+    yield gh
+    await gh.close()
+    assert gh.violations == []
+    assert gh.response_violations == []
+
+
+@pytest.fixture
+def settings(tmp_path: Any, database_url: str | None, fake: FakeGitHub) -> Settings:
+    return Settings(
+        SPELL_DATA_DIR=str(tmp_path / "data"),
+        DATABASE_URL=database_url,
+        SPELL_SECRET_KEY="s" * 40,
+        SPELL_PUBLIC_URL="http://spell.test",
+        GITHUB_APP_ID=fake.app_id,
+        GITHUB_APP_PRIVATE_KEY=fake.private_key_pem,
+        GITHUB_WEBHOOK_SECRET=SECRET,
+        GITHUB_API_URL=fake.url,
+    )
+
+
+@pytest.fixture
+async def gh_harness(aiohttp_client: Any, settings: Settings) -> Harness:
+    sandbox = FakeSandbox()
+    app = create_app(settings, overrides=Overrides(sandbox=sandbox, job_backoff=0.05))
+    client = await aiohttp_client(app)
+    return Harness(client=client, settings=settings, sandbox=sandbox)
+
+
+def example(event: str, **match: Any) -> dict[str, Any]:
+    for ex in webhook_examples()[event]:
+        if all(ex.get(k) == v for k, v in match.items()):
+            return ex
+    raise LookupError(f"no {event} example with {match}")
+
+
+async def deliver(h: Harness, fake: FakeGitHub, event: str, payload: dict[str, Any]) -> Any:
+    headers, body = fake.sign_webhook(event, payload, SECRET)
+    r = await h.client.post("/webhooks/github", data=body, headers=headers)
+    return r, headers["X-GitHub-Delivery"]
+
+
+async def processed(h: Harness, delivery_id: str, timeout: float = 10.0) -> str:
+    inbox = h.client.app[__import__("app.web.keys", fromlist=["INBOX"]).INBOX]  # type: ignore[index]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        d = await inbox.get(delivery_id)
+        if d is not None and d.status in ("done", "ignored", "dead"):
+            return str(d.status)
+        assert asyncio.get_running_loop().time() < deadline, f"delivery not processed: {d}"
+        await asyncio.sleep(0.02)
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+def _installation_payload() -> dict[str, Any]:
+    p = example("installation", action="created")
+    p["installation"]["id"] = INSTALLATION
+    p["installation"]["account"]["login"] = "octo-org"
+    p["repositories"] = [
+        {"id": 99, "name": "app-repo", "full_name": REPO, "private": True, "node_id": "R_1"}
+    ]
+    return p
+
+
+def _comment_payload(
+    fake: FakeGitHub,
+    body: str,
+    *,
+    user: str = "octocat",
+    user_type: str = "User",
+    pr: bool = False,
+    number: int = 7,
+) -> dict[str, Any]:
+    p = example("issue_comment", action="created")
+    comment = fake.add_comment(REPO, number, body, user=user)
+    p["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
+    p["repository"]["full_name"] = REPO
+    p["repository"]["name"] = "app-repo"
+    p["repository"]["owner"]["login"] = "octo-org"
+    p["comment"]["id"] = comment.id
+    p["comment"]["body"] = body
+    p["comment"]["user"]["login"] = user
+    p["comment"]["user"]["type"] = user_type
+    p["comment"].pop("performed_via_github_app", None)
+    p["issue"]["number"] = number
+    if pr:
+        fake.add_pull_request(REPO, number, head_sha="b" * 40)
+        p["issue"]["pull_request"] = {"url": f"https://api.github.com/repos/{REPO}/pulls/{number}"}
+    else:
+        p["issue"].pop("pull_request", None)
+    return p
+
+
+async def _setup(h: Harness, fake: FakeGitHub, *, flat_cents: int = 5) -> None:
+    r, delivery = await deliver(h, fake, "installation", _installation_payload())
+    assert r.status == 202, await r.text()
+    assert await processed(h, delivery) == "done"
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+    await h.token("ACME", "caster")
+    await store.link("user", "octocat", "ACME")
+    await store.link("user", "reader", "ACME")
+    maker = await h.token("makers", "maker")
+    doc = {
+        "id": WF_SPELL,
+        "name": "Workflow spell",
+        "execution": {
+            "mode": "workflow",
+            "timeout_sec": 600,
+            "workflow": {"repo": REPO, "workflow_id": "spell-run.yml"},
+        },
+        "pricing": {"model": "flat", "currency": "USD", "flat_cents": flat_cents},
+        "inputs": {"type": "object", "properties": {"name": {"type": "string"}}},
+    }
+    r = await h.client.post("/v1/spells", json=doc, headers={"Authorization": f"Bearer {maker}"})
+    assert r.status == 201, await r.text()
+
+
+async def test_a_cast_comment_dispatches_the_workflow_and_settles_on_completion(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    payload = _comment_payload(fake, f"/cast {WF_SPELL} name=world", pr=True)
+    r, delivery = await deliver(h, fake, "issue_comment", payload)
+    assert r.status == 202
+    await processed(h, delivery)
+
+    dispatches = fake.requests_for("actions/create-workflow-dispatch")
+    assert len(dispatches) == 1
+    inputs = dispatches[0].body["inputs"]
+    assert json.loads(inputs["payload"]) == {"name": "world"}
+    cast_id = inputs["cast_id"]
+    run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
+
+    ledger = h.platform.ledger
+    cast = await ledger.get_cast(cast_id)
+    assert cast is not None and cast.status == "running" and cast.mode == "workflow"
+    assert cast.run_url
+
+    fake.complete_run(
+        run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"hello.txt": b"hi"}}]
+    )
+    wr = example("workflow_run", action="completed")
+    wr["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
+    wr["repository"]["full_name"] = REPO
+    wr["workflow_run"]["id"] = run.id
+    wr["workflow_run"]["conclusion"] = "success"
+    wr["workflow_run"]["display_title"] = run.display_title
+    r, delivery = await deliver(h, fake, "workflow_run", wr)
+    await processed(h, delivery)
+
+    async def settled() -> bool:
+        c = await ledger.get_cast(cast_id)
+        return c is not None and c.status == "succeeded"
+
+    await until(settled)
+    caps = await ledger.budget("ACME")
+    assert caps is not None
+    assert (caps.monthly.used_cents, caps.monthly.reserved_cents) == (5, 0)
+
+    # One bot comment, edited in place to the final state; a check run on the PR head.
+    async def comment_final() -> bool:
+        mine = [c for c in fake.comments.values() if f"spell-cast:{cast_id}" in c.body]
+        return len(mine) == 1 and "succeeded" in mine[0].body.lower()
+
+    await until(comment_final)
+    assert fake.requests_for("checks/create")[0].body["head_sha"] == "b" * 40
+
+    def reactions() -> list[str]:
+        return [r.body["content"] for r in fake.requests_for("reactions/create-for-issue-comment")]
+
+    async def cheered() -> bool:
+        return "hooray" in reactions()
+
+    await until(cheered)
+    assert reactions()[0] == "eyes" and "rocket" in reactions()
+    checks = fake.requests_for("checks/update")
+    assert checks and checks[-1].body["conclusion"] == "success"
+
+    # The artifact link mints a fresh GitHub URL per request.
+    token = await h.token("ACME", "caster")
+    st = await (
+        await h.client.get(f"/v1/casts/{cast_id}", headers={"Authorization": f"Bearer {token}"})
+    ).json()
+    path = st["artifact_url"][st["artifact_url"].index("/v1/") :]
+    r = await h.client.get(path, allow_redirects=False)
+    assert r.status == 302
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        z = (await http.get(r.headers["Location"])).content
+    assert zipfile.ZipFile(io.BytesIO(z)).read("hello.txt") == b"hi"
+
+
+async def test_a_redelivered_comment_never_casts_twice(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    payload = _comment_payload(fake, f"/cast {WF_SPELL} name=a")
+    headers, body = fake.sign_webhook("issue_comment", payload, SECRET)
+    r1 = await h.client.post("/webhooks/github", data=body, headers=headers)
+    r2 = await h.client.post("/webhooks/github", data=body, headers=headers)
+    assert (r1.status, r2.status) == (202, 200)
+    assert (await r2.json())["duplicate"] is True
+    await processed(h, headers["X-GitHub-Delivery"])
+    # A second delivery id for the same comment (GitHub re-sent the event) is still one cast.
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    assert len(fake.requests_for("actions/create-workflow-dispatch")) == 1
+    assert await h.platform.ledger.count_casts() == 1
+
+
+async def test_a_bad_signature_is_401_and_nothing_is_stored(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    headers, body = fake.sign_webhook("issue_comment", {"x": 1}, "not-the-secret")
+    r = await gh_harness.client.post("/webhooks/github", data=body, headers=headers)
+    assert r.status == 401
+    assert (await r.json())["error"]["code"] == "UNAUTHORIZED"
+    del headers["X-Hub-Signature-256"]
+    r = await gh_harness.client.post("/webhooks/github", data=body, headers=headers)
+    assert r.status == 401
+
+
+async def test_bot_comments_are_ignored(gh_harness: Harness, fake: FakeGitHub) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    payload = _comment_payload(fake, f"/cast {WF_SPELL}", user="dependabot[bot]", user_type="Bot")
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    assert fake.requests_for("reactions/create-for-issue-comment") == []
+    assert await h.platform.ledger.count_casts() == 0
+
+
+async def test_a_commenter_without_write_permission_gets_an_explanation(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    payload = _comment_payload(fake, f"/cast {WF_SPELL}", user="reader")
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    assert await h.platform.ledger.count_casts() == 0
+    replies = [r.body["body"] for r in fake.requests_for("issues/create-comment")]
+    assert len(replies) == 1 and "write" in replies[0]
+
+
+async def test_an_unlinked_commenter_is_told_how_to_link(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    fake.set_permission(REPO, "stranger", "admin")
+    payload = _comment_payload(fake, f"/cast {WF_SPELL}", user="stranger")
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    replies = [r.body["body"] for r in fake.requests_for("issues/create-comment")]
+    assert len(replies) == 1 and "spell github link" in replies[0]
+
+
+async def test_a_repo_the_app_cannot_reach_is_403_forbidden_repo(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+    r = await h.client.post(
+        f"/v1/spells/{WF_SPELL}:cast",
+        json={"input": {}, "repo": "someone/private-repo"},
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k"},
+    )
+    assert r.status == 403
+    err = (await r.json())["error"]
+    assert err["code"] == "FORBIDDEN_REPO"
+    assert "install" in err["message"]
+
+
+async def test_a_missing_workflow_fails_the_cast_with_workflow_not_found(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    fake.add_installation(77, "other-org", ["bare"], {"actions": "write", "issues": "write"})
+    p = _installation_payload()
+    p["installation"]["id"] = 77
+    p["installation"]["account"]["login"] = "other-org"
+    p["repositories"] = [
+        {"id": 5, "name": "bare", "full_name": "other-org/bare", "private": False, "node_id": "R_2"}
+    ]
+    r, delivery = await deliver(h, fake, "installation", p)
+    await processed(h, delivery)
+    token = await h.token("ACME", "caster")
+    r = await h.client.post(
+        f"/v1/spells/{WF_SPELL}:cast",
+        json={"input": {}, "repo": "other-org/bare"},
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k2"},
+    )
+    assert r.status == 202, await r.text()
+    cast_id = (await r.json())["cast_id"]
+    done = await h.wait_cast(token, cast_id)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "WORKFLOW_NOT_FOUND"
+    caps = await h.platform.ledger.budget("ACME")
+    assert caps is not None and caps.monthly.reserved_cents == 0
+
+
+async def test_an_expired_github_artifact_is_410(gh_harness: Harness, fake: FakeGitHub) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+    r = await h.client.post(
+        f"/v1/spells/{WF_SPELL}:cast",
+        json={"input": {}},
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "k3"},
+    )
+    cast_id = (await r.json())["cast_id"]
+
+    async def dispatched() -> bool:
+        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+
+    await until(dispatched)
+    run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
+    arts = fake.complete_run(
+        run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"a": b"1"}}]
+    )
+    gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
+    await gh.complete_run(REPO, {"id": run.id, "conclusion": "success"})
+    st = await h.wait_cast(token, cast_id)
+    assert st["status"] == "succeeded"
+    arts[0].expired = True  # GitHub's retention removed it
+    path = st["artifact_url"][st["artifact_url"].index("/v1/") :]
+    r = await h.client.get(path, allow_redirects=False)
+    assert r.status == 410
+    assert (await r.json())["error"]["code"] == "ARTIFACT_EXPIRED"
