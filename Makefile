@@ -7,7 +7,7 @@ PG_TEST_URL ?= postgresql://postgres@127.0.0.1:5432/test
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install sandbox serve test lint unit bench clean
+.PHONY: install sandbox serve test lint unit bench clean contracts
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict app/
+	$(VENV)/bin/actionlint templates/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows templates/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-actions actions/*/action.yml
 
-test: install sandbox lint
+# GitHub's OpenAPI description and webhook examples, Stripe's OpenAPI spec (npm): contract tests
+# validate against them. Installed into .cache/contracts, never committed.
+contracts:
+	bash tests/fixtures/install_contracts.sh
+
+test: install sandbox lint contracts
 	@echo "== test suite on SQLite (embedded default)"
 	$(PY) -m pytest -q -p no:cacheprovider
 	@echo "== test suite on PostgreSQL ($(PG_TEST_URL))"
