@@ -387,3 +387,133 @@ async def test_an_expired_github_artifact_is_410(gh_harness: Harness, fake: Fake
     r = await h.client.get(path, allow_redirects=False)
     assert r.status == 410
     assert (await r.json())["error"]["code"] == "ARTIFACT_EXPIRED"
+
+
+async def test_repository_dispatch_casts_for_the_linked_owner(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+    await store.link("owner", "octo-org", "ACME")
+    p = example("repository_dispatch")
+    p["action"] = "spell.cast"
+    p["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
+    p["repository"]["full_name"] = REPO
+    p["client_payload"] = {"spell": WF_SPELL, "input": {"name": "rd"}, "idempotency_key": "rd-1"}
+    r, delivery = await deliver(h, fake, "repository_dispatch", p)
+    assert r.status == 202
+    await processed(h, delivery)
+
+    async def dispatched() -> bool:
+        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+
+    await until(dispatched)
+    body = fake.requests_for("actions/create-workflow-dispatch")[0].body
+    assert json.loads(body["inputs"]["payload"]) == {"name": "rd"}
+    # The same idempotency key from another delivery is the same cast.
+    r, delivery = await deliver(h, fake, "repository_dispatch", p)
+    await processed(h, delivery)
+    assert await h.platform.ledger.count_casts() == 1
+
+
+async def test_a_fork_authors_command_on_a_pr_is_refused(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+    await store.link("user", "forker", "ACME")  # linked, but only read access to the repo
+    fake.set_permission(REPO, "forker", "read")
+    payload = _comment_payload(fake, f"/cast {WF_SPELL}", user="forker", pr=True, number=9)
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    assert await h.platform.ledger.count_casts() == 0
+    assert fake.requests_for("actions/create-workflow-dispatch") == []
+
+
+async def test_spells_cap_and_status_commands_reply(gh_harness: Harness, fake: FakeGitHub) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    payload = _comment_payload(
+        fake, "/spells workflow\n/cap\n/cast-status c_000000000000000000000000"
+    )
+    _r, delivery = await deliver(h, fake, "issue_comment", payload)
+    await processed(h, delivery)
+    replies = [r.body["body"] for r in fake.requests_for("issues/create-comment")]
+    assert len(replies) == 3
+    assert WF_SPELL in replies[0]
+    assert "monthly" in replies[1].lower()
+    assert "not found" in replies[2]
+
+
+async def test_removed_and_suspended_repos_are_forbidden(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+
+    async def cast(key: str) -> Any:
+        return await h.client.post(
+            f"/v1/spells/{WF_SPELL}:cast",
+            json={"input": {}},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+        )
+
+    p = example("installation", action="suspend")
+    p["installation"]["id"] = INSTALLATION
+    r, delivery = await deliver(h, fake, "installation", p)
+    await processed(h, delivery)
+    assert (await cast("a")).status == 403
+    p = example("installation", action="unsuspend")
+    p["installation"]["id"] = INSTALLATION
+    r, delivery = await deliver(h, fake, "installation", p)
+    await processed(h, delivery)
+    assert (await cast("b")).status == 202
+    p = example("installation_repositories", action="removed")
+    p["installation"]["id"] = INSTALLATION
+    p["repositories_removed"] = [
+        {"id": 99, "name": "app-repo", "full_name": REPO, "private": True, "node_id": "R_1"}
+    ]
+    r, delivery = await deliver(h, fake, "installation_repositories", p)
+    await processed(h, delivery)
+    r = await cast("c")
+    assert r.status == 403
+    assert (await r.json())["error"]["code"] == "FORBIDDEN_REPO"
+
+
+async def test_a_workflow_run_past_its_timeout_is_cancelled_and_fails_timeout(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+    r = await h.client.post(
+        f"/v1/spells/{WF_SPELL}:cast",
+        json={"input": {}},
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "slow"},
+    )
+    cast_id = (await r.json())["cast_id"]
+
+    async def dispatched() -> bool:
+        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+
+    await until(dispatched)
+
+    class Later:
+        def __init__(self, clock: Any) -> None:
+            self.clock = clock
+
+        def now(self) -> Any:
+            from datetime import timedelta
+
+            return self.clock.now() + timedelta(seconds=601)
+
+    ledger = h.platform.ledger
+    ledger.clock = Later(ledger.clock)
+    gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
+    assert await gh.expire_overdue() == 1
+    done = await ledger.get_cast(cast_id)
+    assert done is not None and done.status == "failed" and done.error_code == "TIMEOUT"
+    assert len(fake.requests_for("actions/cancel-workflow-run")) == 1
