@@ -25,6 +25,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
+from app.cli.github import COMMANDS as GITHUB_COMMANDS
 from app.config import ClientSettings, Settings
 from app.errors import AppError
 from app.sdk.client import (
@@ -938,6 +939,10 @@ def cap_show(ctx: click.Context, account: str | None, as_json: bool) -> None:
         print_json(caps)
     else:
         click.echo(_cap_rows(caps))
+
+
+for _command in GITHUB_COMMANDS:  # spell app / webhooks / github (app/cli/github.py)
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

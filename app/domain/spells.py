@@ -168,6 +168,19 @@ def _remote_ref(node: Any) -> str | None:
     return None
 
 
+class ParsedSpell:
+    """A stored spell version, validated once and kept with its input validator."""
+
+    __slots__ = ("doc", "validator")
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.doc = SpellDocument.model_validate(document)
+        self.validator = Draft202012Validator(self.doc.inputs)
+
+    def validate_input(self, data: Any) -> list[tuple[str, str]]:
+        return validate_input(self.doc.inputs, data, validator=self.validator)
+
+
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
     """Sort key for SemVer 2.0.0 precedence (pre-releases sort before the release)."""
     m = SEMVER_RE.match(version)
@@ -182,9 +195,14 @@ def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int |
     return (major, minor, patch, 0, tuple(parts))
 
 
-def validate_input(schema: dict[str, Any], data: Any) -> list[tuple[str, str]]:
-    """Check cast input against the spell's schema; return ``(path, message)`` for each error."""
-    validator = Draft202012Validator(schema)
+def validate_input(
+    schema: dict[str, Any], data: Any, *, validator: Draft202012Validator | None = None
+) -> list[tuple[str, str]]:
+    """Check cast input against the spell's schema; return ``(path, message)`` for each error.
+
+    Pass a prepared ``validator`` for ``schema`` to skip building one per call.
+    """
+    validator = validator or Draft202012Validator(schema)
     out: list[tuple[str, str]] = []
     try:
         errors = list(validator.iter_errors(data))

@@ -20,7 +20,7 @@ from app.domain.caps import month_period, seconds_to_monthly_reset, which_cap_re
 from app.domain.casts import canonical_json, input_hash, request_hash
 from app.domain.pricing import estimate_cents
 from app.domain.signing import sign_artifact, verify_artifact
-from app.domain.spells import SpellDocument, validate_input
+from app.domain.spells import ParsedSpell, SpellDocument
 from app.errors import AppError
 from app.services import tokens
 from app.services.events import EventHub
@@ -117,6 +117,18 @@ class Platform:
         #: workflow mode: the App installation that granted a repository (None: not reachable);
         #: unset when the GitHub App is not configured
         self.repo_access = repo_access
+        self._parsed: dict[tuple[str, str, str], ParsedSpell] = {}
+
+    def parsed(self, version: SpellVersion) -> ParsedSpell:
+        """The validated document of a stored version (immutable once published: cached)."""
+        key = (version.spell_id, version.version, version.document_hash)
+        hit = self._parsed.get(key)
+        if hit is None:
+            hit = ParsedSpell(version.document)
+            if len(self._parsed) >= 512:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[key] = hit
+        return hit
 
     # ------------------------------------------------------------------ tokens & accounts
 
@@ -306,7 +318,8 @@ class Platform:
         except ValidationError as e:
             raise pydantic_error(e) from None
         spell, version = await self.find_spell(spell_id, caller, req.version)
-        doc = SpellDocument.model_validate(version.document)
+        parsed = self.parsed(version)
+        doc = parsed.doc
         mode = req.mode or doc.execution.mode
         if not doc.allows_mode(mode):
             raise AppError(
@@ -314,7 +327,7 @@ class Platform:
                 f"/mode: {spell_id} cannot run in mode {mode!r}",
                 detail={"path": "/mode"},
             )
-        problems = validate_input(doc.inputs, req.input)
+        problems = parsed.validate_input(req.input)
         if problems:
             path, message = problems[0]
             where = "/input" + path.rstrip("/")

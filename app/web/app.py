@@ -105,10 +105,8 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         if ov.migrate:
             await upgrade(engine)
         ledger = SqlLedger(engine, clock, idempotency_ttl=settings.idempotency_ttl)
-        audit = AuditLog(
-            settings.data_dir / "audit" / "audit.jsonl",
-            on_head=lambda seq, h: ledger.set_audit_head(AUDIT_LOG, seq, h),
-        )
+        head = _HeadWriter(ledger)
+        audit = AuditLog(settings.data_dir / "audit" / "audit.jsonl", on_head=head)
         await audit.start()
         queue = ov.queue or MemoryQueue()
         jobs = ov.jobs or MemoryQueue(ack_wait=60.0, max_deliver=6)
@@ -229,6 +227,7 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             if github is not None and ov.github is None:
                 await github.aclose()
             await audit.close()
+            await head.close()
             await engine.dispose()
 
     return ctx
@@ -253,6 +252,35 @@ async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> 
             "SPELL_UNSAFE_NO_SANDBOX=1: spells run WITHOUT isolation. Local development only!"
         )
     return sandbox
+
+
+class _HeadWriter:
+    """Records the audit log's head in the ledger, coalescing bursts into one write."""
+
+    def __init__(self, ledger: SqlLedger, delay: float = 0.05) -> None:
+        self.ledger = ledger
+        self.delay = delay
+        self.pending: tuple[int, str] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def __call__(self, seq: int, digest: str) -> None:
+        self.pending = (seq, digest)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush(self.delay))
+
+    async def _flush(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        while self.pending is not None:
+            seq, digest = self.pending
+            self.pending = None
+            await self.ledger.set_audit_head(AUDIT_LOG, seq, digest)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await self.task
+        if self.pending is not None:
+            await self._flush(0)
 
 
 def _github(settings: Settings, ov: Overrides) -> GitHubClient | None:

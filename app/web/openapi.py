@@ -689,6 +689,31 @@ def _paths() -> dict[str, Schema]:
         }
 
     return {
+        "/github/setup": {
+            "get": _op(
+                "githubSetup",
+                "webhooks",
+                "After installing the GitHub App",
+                "The page GitHub shows the installer after installation (the manifest's "
+                "setup_url): what happens next and how accounts are linked.",
+                {"200": {"description": "An HTML page.", "content": {"text/html": {}}}},
+                parameters=[
+                    {
+                        "name": "installation_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "setup_action",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                public=True,
+            )
+        },
         "/webhooks/github": {
             "post": _op(
                 "githubWebhook",

@@ -394,6 +394,25 @@ async def download_artifact(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- webhooks
 
 
+@routes.get("/github/setup")
+async def github_setup(request: web.Request) -> web.Response:
+    """Where GitHub sends the installer after installing the App (the manifest's setup_url)."""
+    installation = request.query.get("installation_id", "")
+    shown = installation if installation.isdigit() else "(unknown)"
+    page = (
+        "<!doctype html><meta charset=utf-8><title>Spell Platform installed</title>"
+        "<h1>Spell Platform is installed</h1>"
+        f"<p>Installation {shown} is recorded as soon as GitHub's webhook arrives.</p>"
+        "<p>To cast with <code>/cast</code> comments, an operator links your GitHub account to a "
+        "caster account: <code>spell github link --account ACCOUNT --user LOGIN</code>.</p>"
+    )
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        headers={"Content-Security-Policy": "default-src 'none'", "X-Frame-Options": "DENY"},
+    )
+
+
 @routes.post("/webhooks/github")
 async def github_webhook(request: web.Request) -> web.Response:
     """Verify, store raw, acknowledge. No JSON parsing and no GitHub call on this path:

@@ -165,7 +165,7 @@ class RunExecutor:
         found = await self.ledger.get_spell(cast.spell_id, cast.spell_version)
         if found is None:
             raise RuntimeError(f"spell {cast.spell_id}@{cast.spell_version} vanished")
-        doc = SpellDocument.model_validate(found[1].document)
+        doc = self.platform.parsed(found[1]).doc
         ex = doc.execution
         assert ex.bundle is not None and ex.entrypoint is not None
         bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
