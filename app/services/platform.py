@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from app.store.models import Artifact, Cast, Spell, SpellVersion
 
 log = logging.getLogger("spell.platform")
+
+#: seconds a spell lookup is reused by casts (a publish in this process clears it at once)
+SPELL_CACHE_TTL = 1.0
 
 
 class CastRequest(BaseModel):
@@ -118,6 +122,7 @@ class Platform:
         #: unset when the GitHub App is not configured
         self.repo_access = repo_access
         self._parsed: dict[tuple[str, str, str], ParsedSpell] = {}
+        self._spells: dict[tuple[str, str | None], tuple[float, tuple[Spell, SpellVersion]]] = {}
 
     def parsed(self, version: SpellVersion) -> ParsedSpell:
         """The validated document of a stored version (immutable once published: cached)."""
@@ -191,6 +196,7 @@ class Platform:
                 canonical_json(doc.model_dump(mode="json", exclude_none=True))
             ).hexdigest()
         )
+        self._spells.clear()
         spell, version, created = await self.ledger.publish_spell(
             doc,
             author_id=caller.account_id,
@@ -221,10 +227,27 @@ class Platform:
             caller.account_id == spell.author_id or caller.role in ("operator", "auditor")
         )
 
+    async def _lookup(
+        self, spell_id: str, version: str | None
+    ) -> tuple[Spell, SpellVersion] | None:
+        """``ledger.get_spell`` behind a short cache: casts of a hot spell skip two queries.
+        Entries live ``SPELL_CACHE_TTL`` seconds and are dropped when this process publishes."""
+        key = (spell_id, version)
+        now = time.monotonic()
+        hit = self._spells.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = await self.ledger.get_spell(spell_id, version)
+        if found is not None:
+            if len(self._spells) >= 1024:
+                self._spells.clear()
+            self._spells[key] = (now + SPELL_CACHE_TTL, found)
+        return found
+
     async def find_spell(
         self, spell_id: str, caller: Caller | None, version: str | None = None
     ) -> tuple[Spell, SpellVersion]:
-        found = await self.ledger.get_spell(spell_id, version)
+        found = await self._lookup(spell_id, version)
         if found is None or not self._visible(found[0], caller):
             what = f"{spell_id}@{version}" if version else spell_id
             raise AppError("NOT_FOUND", f"spell {what!r} not found")
@@ -310,49 +333,55 @@ class Platform:
         if not isinstance(body, dict):
             raise AppError("VALIDATION_ERROR", "the request body must be a JSON object")
         rhash = request_hash("POST", f"/v1/spells/{spell_id}:cast", body)
-        stored = await self.ledger.stored_response(caller.principal_id, idempotency_key, rhash)
-        if stored is not None:
-            return stored[0], self._absolute(stored[1], base_url), True
         try:
-            req = CastRequest.model_validate(body)
-        except ValidationError as e:
-            raise pydantic_error(e) from None
-        spell, version = await self.find_spell(spell_id, caller, req.version)
-        parsed = self.parsed(version)
-        doc = parsed.doc
-        mode = req.mode or doc.execution.mode
-        if not doc.allows_mode(mode):
-            raise AppError(
-                "VALIDATION_ERROR",
-                f"/mode: {spell_id} cannot run in mode {mode!r}",
-                detail={"path": "/mode"},
-            )
-        problems = parsed.validate_input(req.input)
-        if problems:
-            path, message = problems[0]
-            where = "/input" + path.rstrip("/")
-            raise AppError(
-                "VALIDATION_ERROR",
-                f"{where}: {message}",
-                detail={"path": where, "errors": len(problems)},
-            )
-        if mode == "clone":
-            raise AppError(
-                "UNAVAILABLE",
-                "clone spells are bought, not cast: POST /v1/catalog/spells/{id}/purchase",
-            )
-        target_repo: str | None = None
-        installation_id: int | None = None
-        if mode == "workflow":
-            assert doc.execution.workflow is not None
-            target_repo = (
-                req.repo or (origin.repo if origin else None) or doc.execution.workflow.repo
-            )
-            installation_id = await self._installation(target_repo)
-        else:
-            reason = self.sandbox_ready()
-            if reason is not None:
-                raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
+            try:
+                req = CastRequest.model_validate(body)
+            except ValidationError as e:
+                raise pydantic_error(e) from None
+            spell, version = await self.find_spell(spell_id, caller, req.version)
+            parsed = self.parsed(version)
+            doc = parsed.doc
+            mode = req.mode or doc.execution.mode
+            if not doc.allows_mode(mode):
+                raise AppError(
+                    "VALIDATION_ERROR",
+                    f"/mode: {spell_id} cannot run in mode {mode!r}",
+                    detail={"path": "/mode"},
+                )
+            problems = parsed.validate_input(req.input)
+            if problems:
+                path, message = problems[0]
+                where = "/input" + path.rstrip("/")
+                raise AppError(
+                    "VALIDATION_ERROR",
+                    f"{where}: {message}",
+                    detail={"path": where, "errors": len(problems)},
+                )
+            if mode == "clone":
+                raise AppError(
+                    "UNAVAILABLE",
+                    "clone spells are bought, not cast: POST /v1/catalog/spells/{id}/purchase",
+                )
+            target_repo: str | None = None
+            installation_id: int | None = None
+            if mode == "workflow":
+                assert doc.execution.workflow is not None
+                target_repo = (
+                    req.repo or (origin.repo if origin else None) or doc.execution.workflow.repo
+                )
+                installation_id = await self._installation(target_repo)
+            else:
+                reason = self.sandbox_ready()
+                if reason is not None:
+                    raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
+        except AppError:
+            # A retry of an accepted cast is answered as it was then, even if the spell, the
+            # sandbox or the caps have changed since (checked only here, off the happy path:
+            # on success the key's own insert detects a replay).
+            stored = await self.ledger.stored_response(caller.principal_id, idempotency_key, rhash)
+            if stored is not None:
+                return stored[0], self._absolute(stored[1], base_url), True
+            raise
 
         estimate = estimate_cents(doc.pricing)
         ihash = input_hash(req.input)
@@ -367,6 +396,14 @@ class Platform:
         else:
             assert doc.execution.bundle is not None
             subject = "run." + doc.execution.bundle.removeprefix("sha256:")
+
+        accepted = {
+            "cast_id": cast_id,
+            "status": "queued",
+            "progress_sse": f"/v1/casts/{cast_id}/events",
+            "estimate_cents": estimate,
+            "currency": doc.pricing.currency,
+        }
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
             held, reserved_period = "none", period
@@ -413,16 +450,10 @@ class Platform:
                         else None,
                     )
                 )
-            return 202, {
-                "cast_id": cast_id,
-                "status": "queued",
-                "progress_sse": f"/v1/casts/{cast_id}/events",
-                "estimate_cents": estimate,
-                "currency": doc.pricing.currency,
-            }
+            return 202, accepted
 
         status, resp, replayed = await self.ledger.run_idempotent(
-            caller.principal_id, idempotency_key, rhash, work
+            caller.principal_id, idempotency_key, rhash, work, response=(202, accepted)
         )
         if not replayed:
             await self.audit.append(

@@ -35,7 +35,7 @@ class GitHubStore:
         replace_repos: bool = False,
     ) -> None:
         now = self.clock.now()
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 self.ledger._insert(GitHubInstallation)
                 .values(
@@ -88,12 +88,12 @@ class GitHubStore:
             )
 
     async def add_repos(self, installation_id: int, repos: Iterable[tuple[str, int, bool]]) -> None:
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await self._add_repos(s, installation_id, repos)
 
     async def remove_repos(self, installation_id: int, full_names: Iterable[str]) -> None:
         names = [_norm(n) for n in full_names]
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 delete(GitHubRepo).where(
                     GitHubRepo.installation_id == installation_id, GitHubRepo.full_name.in_(names)
@@ -109,7 +109,7 @@ class GitHubStore:
             values["suspended_at"] = now if suspended else None
         if deleted:
             values["deleted_at"] = now
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 update(GitHubInstallation)
                 .where(GitHubInstallation.id == installation_id)
@@ -145,7 +145,7 @@ class GitHubStore:
 
     async def link(self, kind: str, login: str, account_id: str, role: str = "caster") -> None:
         now = self.clock.now()
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 self.ledger._insert(GitHubLink)
                 .values(
@@ -158,7 +158,7 @@ class GitHubStore:
             )
 
     async def unlink(self, kind: str, login: str) -> bool:
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             res = await s.execute(
                 delete(GitHubLink).where(GitHubLink.kind == kind, GitHubLink.login == _norm(login))
             )
@@ -175,7 +175,7 @@ class GitHubStore:
             return await s.get(CastTarget, cast_id)
 
     async def update_target(self, cast_id: str, **values: Any) -> None:
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 update(CastTarget)
                 .where(CastTarget.cast_id == cast_id)
@@ -187,7 +187,7 @@ class GitHubStore:
         """Claim the right to create a GitHub object (``bot_comment_id``/``check_run_id``):
         NULL → 0 (being created). False if it exists or another job is creating it."""
         column = getattr(CastTarget, field)
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             res = await s.execute(
                 update(CastTarget)
                 .where(CastTarget.cast_id == cast_id, column.is_(None))

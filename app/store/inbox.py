@@ -24,7 +24,7 @@ class Inbox:
     async def accept(self, source: str, delivery_id: str, event: str, body: bytes) -> bool:
         """Store a verified delivery; False if this delivery id was seen before."""
         now = self.clock.now()
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             res = await s.execute(
                 self.ledger._insert(WebhookDelivery)
                 .values(
@@ -55,7 +55,7 @@ class Inbox:
             return await s.get(WebhookDelivery, delivery_id)
 
     async def start_attempt(self, delivery_id: str) -> int:
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             n = await s.scalar(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.delivery_id == delivery_id)
@@ -66,7 +66,7 @@ class Inbox:
             return int(n or 0)
 
     async def finish(self, delivery_id: str, status: str, error: str | None = None) -> None:
-        async with self.ledger.sessions.begin() as s:
+        async with self.ledger.write() as s:
             await s.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.delivery_id == delivery_id)

@@ -12,8 +12,10 @@ The money-safety rules live here because they are SQL rules:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -80,6 +82,19 @@ class SqlLedger:
             engine.execution_options(spell_readonly=True), expire_on_commit=False
         )
         self.dialect = engine.dialect.name
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction. On SQLite, writers of this process queue on an asyncio lock
+        first: SQLite's own busy handler sleeps in coarse steps (up to 100 ms) whenever two
+        connections contend, so in-process contention must never reach it. Never nest."""
+        if self._write_lock is None:
+            async with self.sessions.begin() as s:
+                yield s
+            return
+        async with self._write_lock, self.sessions.begin() as s:
+            yield s
 
     def _insert(self, model: Any) -> Any:
         mod = postgresql if self.dialect == "postgresql" else sqlite
@@ -97,7 +112,7 @@ class SqlLedger:
     ) -> str:
         """Create the account (with its budget row and default caps) and the principal if new."""
         now = self.clock.now()
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             await s.execute(
                 self._insert(Account)
                 .values(id=account_id, status="active", created_at=now)
@@ -134,7 +149,7 @@ class SqlLedger:
     async def record_token(
         self, jti: str, principal_id: str, issued_at: datetime, expires_at: datetime
     ) -> None:
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             s.add(
                 IssuedToken(
                     jti=jti, principal_id=principal_id, issued_at=issued_at, expires_at=expires_at
@@ -148,17 +163,26 @@ class SqlLedger:
     # ------------------------------------------------------------------ idempotency
 
     async def run_idempotent(
-        self, principal_id: str, key: str, req_hash: str, work: Work
+        self,
+        principal_id: str,
+        key: str,
+        req_hash: str,
+        work: Work,
+        *,
+        response: tuple[int, dict[str, Any]] | None = None,
     ) -> tuple[int, dict[str, Any], bool]:
         """Do ``work`` once per (principal, key); replay its stored answer afterwards.
 
         Returns ``(status, body, replayed)``. Only successful answers are stored: when ``work``
         raises, the key is rolled back with everything else, so the caller may retry with it.
+        When the answer is known before the work (``response``), it is stored with the key in
+        one statement and ``work``'s own answer is ignored.
         """
+        initial_status, initial_body = response if response is not None else (0, {})
         now = self.clock.now()
         expires = now + timedelta(seconds=self.idempotency_ttl)
         pk = (IdempotencyKey.principal_id == principal_id, IdempotencyKey.key == key)
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             for _ in range(3):
                 res = await s.execute(
                     self._insert(IdempotencyKey)
@@ -166,8 +190,8 @@ class SqlLedger:
                         principal_id=principal_id,
                         key=key,
                         request_hash=req_hash,
-                        response_status=0,
-                        response_body={},
+                        response_status=initial_status,
+                        response_body=initial_body,
                         created_at=now,
                         expires_at=expires,
                     )
@@ -182,8 +206,8 @@ class SqlLedger:
                     .where(*pk, IdempotencyKey.expires_at <= now)
                     .values(
                         request_hash=req_hash,
-                        response_status=0,
-                        response_body={},
+                        response_status=initial_status,
+                        response_body=initial_body,
                         created_at=now,
                         expires_at=expires,
                     )
@@ -208,6 +232,8 @@ class SqlLedger:
             else:
                 raise AppError("CONFLICT", "this Idempotency-Key is busy; retry the request")
             status, body = await work(s)
+            if response is not None:
+                return initial_status, initial_body, False
             await s.execute(
                 update(IdempotencyKey)
                 .where(*pk)
@@ -242,7 +268,7 @@ class SqlLedger:
         return row.response_status, row.response_body
 
     async def sweep_idempotency(self) -> int:
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             res = await s.execute(
                 delete(IdempotencyKey).where(IdempotencyKey.expires_at < self.clock.now())
             )
@@ -251,7 +277,7 @@ class SqlLedger:
     # ------------------------------------------------------------------ bundles & spells
 
     async def add_bundle(self, digest: str, size: int, account_id: str) -> None:
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             await s.execute(
                 self._insert(Bundle)
                 .values(
@@ -278,7 +304,7 @@ class SqlLedger:
         now = self.clock.now()
         dumped = doc.model_dump(mode="json", exclude_none=True)
         try:
-            async with self.sessions.begin() as s:
+            async with self.write() as s:
                 spell = await s.get(Spell, doc.id, with_for_update=self.dialect == "postgresql")
                 if spell is not None and spell.author_id != author_id:
                     raise AppError("FORBIDDEN", f"spell {doc.id!r} belongs to another account")
@@ -515,15 +541,23 @@ class SqlLedger:
 
     async def insert_cast(self, s: AsyncSession, cast: Cast, *, subject: str | None) -> None:
         """Add a new cast, its first event and (for queued runs) its outbox message."""
+        cast.event_seq = 1  # its first event, added here: no counter round trip needed
         s.add(cast)
-        await s.flush()
+        s.add(
+            CastEvent(
+                cast_id=cast.id,
+                seq=1,
+                stage="queued",
+                data={"status": "queued"},
+                created_at=cast.created_at,
+            )
+        )
         await s.execute(
             update(Spell)
             .where(Spell.id == cast.spell_id)
             .values(cast_count=Spell.cast_count + 1)
             .execution_options(synchronize_session=False)
         )
-        await self.add_event(s, cast.id, "queued", {"status": "queued"})
         if subject is not None:
             s.add(
                 Outbox(
@@ -554,7 +588,7 @@ class SqlLedger:
         self, cast_id: str, events: Sequence[tuple[str, dict[str, Any]]], *, attempt: int
     ) -> bool:
         """Progress/log events of a running attempt; dropped if the attempt was superseded."""
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             live = await s.scalar(
                 select(Cast.id).where(
                     Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running"
@@ -591,7 +625,7 @@ class SqlLedger:
         queued again by :meth:`reap_expired`; its old attempt can then change nothing.
         """
         now = self.clock.now()
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             attempt = await s.scalar(
                 update(Cast)
                 .where(Cast.id == cast_id, Cast.status == "queued")
@@ -630,7 +664,7 @@ class SqlLedger:
         """
         now = self.clock.now()
         status = "succeeded" if succeeded else "failed"
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             done = await s.execute(
                 update(Cast)
                 .where(Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running")
@@ -662,7 +696,7 @@ class SqlLedger:
 
     async def extend_lease(self, cast_id: str, attempt: int, *, lease_sec: float) -> bool:
         """Renew a running attempt's lease (the worker's heartbeat). False: it was superseded."""
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             res = await s.execute(
                 update(Cast)
                 .where(Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running")
@@ -677,7 +711,7 @@ class SqlLedger:
         """Fail a cast that cannot be run (e.g. its run request was dead-lettered); releases
         its reservation. Works whether it is still queued or stranded as running."""
         now = self.clock.now()
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             done = await s.execute(
                 update(Cast)
                 .where(Cast.id == cast_id, Cast.status.in_(("queued", "running")))
@@ -741,7 +775,7 @@ class SqlLedger:
             await self._unreserve(s, cast, cost=0, new_state="released")
 
     async def set_run_url(self, cast_id: str, run_url: str) -> None:
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             await s.execute(
                 update(Cast)
                 .where(Cast.id == cast_id)
@@ -768,7 +802,7 @@ class SqlLedger:
         and their run request is published again. Safe with many processes: a live worker
         renews its lease, so only abandoned runs are taken."""
         now = self.clock.now()
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             ids = list(
                 (
                     await s.scalars(
@@ -793,7 +827,7 @@ class SqlLedger:
 
     async def republish_queued(self) -> int:
         """Publish every queued service cast again (a fresh in-process queue is empty)."""
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             ids = list(
                 (
                     await s.scalars(
@@ -825,7 +859,7 @@ class SqlLedger:
     async def mark_sent(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             await s.execute(
                 update(Outbox)
                 .where(Outbox.id.in_(list(ids)))
@@ -854,7 +888,7 @@ class SqlLedger:
 
     async def set_audit_head(self, log: str, seq: int, digest: str) -> None:
         now = self.clock.now()
-        async with self.sessions.begin() as s:
+        async with self.write() as s:
             stmt = self._insert(AuditPointer).values(log=log, seq=seq, hash=digest, updated_at=now)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["log"],

@@ -33,14 +33,14 @@ def overrides(fake_sandbox: Any, clock: FrozenClock) -> Any:
 async def test_a_late_request_for_last_month_never_rolls_the_period_back(harness: Harness) -> None:
     ledger = harness.platform.ledger
     await harness.token("acct", "caster")
-    async with ledger.sessions.begin() as s:
+    async with ledger.write() as s:
         await ledger.set_caps(s, "acct", monthly=100, total=None, set_monthly=True, set_total=False)
-    async with ledger.sessions.begin() as s:
+    async with ledger.write() as s:
         assert await ledger.reserve(s, "acct", 80, "2026-02") == "2026-02"
-    async with ledger.sessions.begin() as s:
+    async with ledger.write() as s:
         # computed before midnight, executed after: counts in February, and is refused there
         assert await ledger.reserve(s, "acct", 60, "2026-01") is None
-    async with ledger.sessions.begin() as s:
+    async with ledger.write() as s:
         assert await ledger.reserve(s, "acct", 20, "2026-01") == "2026-02"
     async with ledger.sessions() as s:
         b = await s.scalar(select(Budget).where(Budget.account_id == "acct"))
