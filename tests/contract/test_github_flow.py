@@ -179,6 +179,10 @@ async def test_a_cast_comment_dispatches_the_workflow_and_settles_on_completion(
     assert r.status == 202
     await processed(h, delivery)
 
+    async def sent() -> bool:  # the dispatch runs as its own job after the comment's
+        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+
+    await until(sent)
     dispatches = fake.requests_for("actions/create-workflow-dispatch")
     assert len(dispatches) == 1
     inputs = dispatches[0].body["inputs"]
@@ -187,6 +191,13 @@ async def test_a_cast_comment_dispatches_the_workflow_and_settles_on_completion(
     run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
 
     ledger = h.platform.ledger
+    store = GitHubStore(ledger, h.platform.clock)
+
+    async def recorded() -> bool:
+        target = await store.target(cast_id)
+        return target is not None and target.dispatched_at is not None
+
+    await until(recorded)
     cast = await ledger.get_cast(cast_id)
     assert cast is not None and cast.status == "running" and cast.mode == "workflow"
     assert cast.run_url
@@ -261,6 +272,12 @@ async def test_a_redelivered_comment_never_casts_twice(
     # A second delivery id for the same comment (GitHub re-sent the event) is still one cast.
     _r, delivery = await deliver(h, fake, "issue_comment", payload)
     await processed(h, delivery)
+
+    async def sent() -> bool:
+        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+
+    await until(sent)
+    await asyncio.sleep(0.3)  # room for a wrong second dispatch to show up
     assert len(fake.requests_for("actions/create-workflow-dispatch")) == 1
     assert await h.platform.ledger.count_casts() == 1
 
@@ -370,8 +387,11 @@ async def test_an_expired_github_artifact_is_410(gh_harness: Harness, fake: Fake
     )
     cast_id = (await r.json())["cast_id"]
 
-    async def dispatched() -> bool:
-        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+
+    async def dispatched() -> bool:  # recorded on our side, not only sent
+        target = await store.target(cast_id)
+        return target is not None and target.dispatched_at is not None
 
     await until(dispatched)
     run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
@@ -496,8 +516,11 @@ async def test_a_workflow_run_past_its_timeout_is_cancelled_and_fails_timeout(
     )
     cast_id = (await r.json())["cast_id"]
 
-    async def dispatched() -> bool:
-        return bool(fake.requests_for("actions/create-workflow-dispatch"))
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+
+    async def dispatched() -> bool:  # recorded on our side, not only sent
+        target = await store.target(cast_id)
+        return target is not None and target.dispatched_at is not None
 
     await until(dispatched)
 
