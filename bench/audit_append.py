@@ -20,6 +20,7 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,18 +105,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="audit-bench-") as tmp:
         root = Path(tmp)
-        runs = [
-            (
-                f"group commit ({args.tasks} tasks)",
-                root / "group.jsonl",
-                lambda p: asyncio.run(group_commit(p, args.records, args.tasks)),
-            ),
-            (
-                "sequential AuditLog.append",
-                root / "sequential.jsonl",
-                lambda p: asyncio.run(sequential(p, args.records)),
-            ),
-            ("naive write+fsync loop", root / "naive.jsonl", lambda p: naive_loop(p, args.records)),
+
+        def run_group(path: Path) -> tuple[float, int]:
+            return asyncio.run(group_commit(path, args.records, args.tasks))
+
+        def run_sequential(path: Path) -> tuple[float, int]:
+            return asyncio.run(sequential(path, args.records))
+
+        def run_naive(path: Path) -> tuple[float, int]:
+            return naive_loop(path, args.records)
+
+        runs: list[tuple[str, Path, Callable[[Path], tuple[float, int]]]] = [
+            (f"group commit ({args.tasks} tasks)", root / "group.jsonl", run_group),
+            ("sequential AuditLog.append", root / "sequential.jsonl", run_sequential),
+            ("naive write+fsync loop", root / "naive.jsonl", run_naive),
         ]
         print(f"{args.records} records, files in {root}")
         print(f"{'run':34} {'records/s':>10} {'fsyncs':>7} {'rec/fsync':>9} {'seconds':>8}")
