@@ -283,12 +283,14 @@ class GitHubService:
         n = 0
         for cast in await self.platform.ledger.overdue_workflow_casts():
             target = await self.store.target(cast.id)
-            if target is not None and target.run_id and target.repo and target.installation_id:
+            if target is not None and target.repo and target.installation_id:
                 owner, name = _split(target.repo)
                 try:
-                    await self.client.cancel_run(target.installation_id, owner, name, target.run_id)
+                    run_id = target.run_id or await self._find_run(target, cast.id)
+                    if run_id:
+                        await self.client.cancel_run(target.installation_id, owner, name, run_id)
                 except GitHubError as e:
-                    log.warning("cancelling run %s failed: %s", target.run_id, e)
+                    log.warning("cancelling the run of cast %s failed: %s", cast.id, e)
             done = await self.platform.ledger.finish(
                 cast.id,
                 cast.attempt,
@@ -300,6 +302,26 @@ class GitHubService:
                 n += 1
                 await self._ended(done)
         return n
+
+    async def _find_run(self, target: CastTarget, cast_id: str) -> int | None:
+        """The run of a dispatch GitHub answered with 204 (no run id): by its run-name."""
+        if not (target.repo and target.installation_id and target.workflow_id):
+            return None
+        owner, name = _split(target.repo)
+        since = target.dispatched_at or self.platform.clock.now() - timedelta(days=1)
+        run = await self.client.find_run_by_name(
+            target.installation_id,
+            owner,
+            name,
+            target.workflow_id,
+            contains=cast_id,
+            created_after=since,
+        )
+        if run is None:
+            return None
+        run_id = int(run["id"])
+        await self.store.update_target(cast_id, run_id=run_id)
+        return run_id
 
     async def _ended(self, cast: Cast) -> None:
         self.platform.hub.notify(cast.id)

@@ -540,3 +540,44 @@ async def test_a_workflow_run_past_its_timeout_is_cancelled_and_fails_timeout(
     done = await ledger.get_cast(cast_id)
     assert done is not None and done.status == "failed" and done.error_code == "TIMEOUT"
     assert len(fake.requests_for("actions/cancel-workflow-run")) == 1
+
+
+async def test_without_run_details_the_run_is_found_by_its_name_to_cancel_it(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    fake.reject_return_run_details = True  # an older GitHub Enterprise Server: 204, no run id
+    token = await h.token("ACME", "caster")
+    r = await h.client.post(
+        f"/v1/spells/{WF_SPELL}:cast",
+        json={"input": {}},
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "old-ghes"},
+    )
+    cast_id = (await r.json())["cast_id"]
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+
+    async def dispatched() -> bool:
+        target = await store.target(cast_id)
+        return target is not None and target.dispatched_at is not None
+
+    await until(dispatched)
+    target = await store.target(cast_id)
+    assert target is not None and target.run_id is None
+
+    class Later:
+        def __init__(self, clock: Any) -> None:
+            self.clock = clock
+
+        def now(self) -> Any:
+            from datetime import timedelta
+
+            return self.clock.now() + timedelta(seconds=601)
+
+    h.platform.ledger.clock = Later(h.platform.ledger.clock)
+    gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
+    assert await gh.expire_overdue() == 1
+    cancels = fake.requests_for("actions/cancel-workflow-run")
+    assert len(cancels) == 1
+    run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
+    assert str(run.id) in cancels[0].path
