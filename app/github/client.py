@@ -31,13 +31,22 @@ from urllib.parse import parse_qs, quote, urlsplit
 import httpx
 from pydantic import SecretStr
 
-from app.github.appauth import TokenCache, TokenKey, app_jwt, now_utc, token_key
+from app.github.appauth import (
+    TokenCache,
+    TokenKey,
+    app_jwt,
+    load_private_key,
+    now_utc,
+    token_key,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_URL: Final = "https://api.github.com"
 API_VERSION: Final = "2022-11-28"
 USER_AGENT: Final = "spell-platform"
+#: an App JWT lives 9 minutes; reuse it for 8
+JWT_REUSE: Final = timedelta(minutes=8)
 BASE_HEADERS: Final[Mapping[str, str]] = {
     "Accept": "application/vnd.github+json",
     "X-GitHub-Api-Version": API_VERSION,
@@ -300,6 +309,8 @@ class GitHubClient:
         self._http = http if http is not None else httpx.AsyncClient(timeout=30.0)
         self._clock = clock
         self.tokens = token_cache if token_cache is not None else TokenCache()
+        self._key: Any = None
+        self._jwt_cache: tuple[SecretStr, datetime] | None = None
         self._mint_locks: weakref.WeakValueDictionary[TokenKey, Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -357,9 +368,16 @@ class GitHubClient:
     # -- auth
 
     def _jwt(self) -> SecretStr:
-        return SecretStr(
-            app_jwt(self.app_id, self._private_key.get_secret_value(), now=self._clock())
-        )
+        """The App JWT, reused until a minute before it expires (signing is cheap once the key
+        is parsed; parsing it costs tens of ms, so it happens once per client)."""
+        now = self._clock()
+        if self._jwt_cache is not None and now < self._jwt_cache[1]:
+            return self._jwt_cache[0]
+        if self._key is None:
+            self._key = load_private_key(self._private_key.get_secret_value())
+        token = SecretStr(app_jwt(self.app_id, self._key, now=now))
+        self._jwt_cache = (token, now + JWT_REUSE)
+        return token
 
     async def installation_token(
         self,
