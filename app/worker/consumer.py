@@ -76,6 +76,29 @@ class OutboxRelay:
             self._kick.clear()
 
 
+async def consume(
+    queue: Queue, handle: Callable[[Message], Awaitable[None]], *, concurrency: int
+) -> None:
+    """``concurrency`` loops, each fetching one message at a time and handling it."""
+
+    async def loop() -> None:
+        while True:
+            try:
+                msgs = await queue.fetch(1, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetching from the queue failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await handle(msg)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(loop())
+
+
 class RunConsumer:
     """N concurrent runners pulling run requests; heartbeat while running; ack after commit."""
 
@@ -96,22 +119,7 @@ class RunConsumer:
         self.busy = 0
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(self.concurrency):
-                tg.create_task(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                msgs = await self.queue.fetch(1, timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("fetching run requests failed; retrying")
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                await self.handle(msg)
+        await consume(self.queue, self.handle, concurrency=self.concurrency)
 
     async def handle(self, msg: Message) -> None:
         cast_id = str(msg.payload.get("cast_id", ""))
@@ -225,22 +233,7 @@ class JobConsumer:
         self.on_dead = on_dead
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(self.concurrency):
-                tg.create_task(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                msgs = await self.queue.fetch(1, timeout=1.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("fetching jobs failed; retrying")
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                await self.handle(msg)
+        await consume(self.queue, self.handle, concurrency=self.concurrency)
 
     def _handler(self, subject: str) -> JobHandler | None:
         for prefix, handler in self.handlers.items():

@@ -106,6 +106,30 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def dispatch_recorded(h: Harness, cast_id: str) -> None:
+    """Wait until the dispatch job recorded the dispatch (not only sent it to GitHub)."""
+    store = GitHubStore(h.platform.ledger, h.platform.clock)
+
+    async def recorded() -> bool:
+        target = await store.target(cast_id)
+        return target is not None and target.dispatched_at is not None
+
+    await until(recorded)
+
+
+class Later:
+    """A clock some seconds ahead of another (to pass a deadline)."""
+
+    def __init__(self, clock: Any, *, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+
+    def now(self) -> Any:
+        from datetime import timedelta
+
+        return self.clock.now() + timedelta(seconds=self.seconds)
+
+
 def _installation_payload() -> dict[str, Any]:
     p = example("installation", action="created")
     p["installation"]["id"] = INSTALLATION
@@ -387,13 +411,7 @@ async def test_an_expired_github_artifact_is_410(gh_harness: Harness, fake: Fake
     )
     cast_id = (await r.json())["cast_id"]
 
-    store = GitHubStore(h.platform.ledger, h.platform.clock)
-
-    async def dispatched() -> bool:  # recorded on our side, not only sent
-        target = await store.target(cast_id)
-        return target is not None and target.dispatched_at is not None
-
-    await until(dispatched)
+    await dispatch_recorded(h, cast_id)
     run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
     arts = fake.complete_run(
         run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"a": b"1"}}]
@@ -516,25 +534,10 @@ async def test_a_workflow_run_past_its_timeout_is_cancelled_and_fails_timeout(
     )
     cast_id = (await r.json())["cast_id"]
 
-    store = GitHubStore(h.platform.ledger, h.platform.clock)
-
-    async def dispatched() -> bool:  # recorded on our side, not only sent
-        target = await store.target(cast_id)
-        return target is not None and target.dispatched_at is not None
-
-    await until(dispatched)
-
-    class Later:
-        def __init__(self, clock: Any) -> None:
-            self.clock = clock
-
-        def now(self) -> Any:
-            from datetime import timedelta
-
-            return self.clock.now() + timedelta(seconds=601)
+    await dispatch_recorded(h, cast_id)
 
     ledger = h.platform.ledger
-    ledger.clock = Later(ledger.clock)
+    ledger.clock = Later(ledger.clock, seconds=601)
     gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
     assert await gh.expire_overdue() == 1
     done = await ledger.get_cast(cast_id)
@@ -565,16 +568,7 @@ async def test_without_run_details_the_run_is_found_by_its_name_to_cancel_it(
     target = await store.target(cast_id)
     assert target is not None and target.run_id is None
 
-    class Later:
-        def __init__(self, clock: Any) -> None:
-            self.clock = clock
-
-        def now(self) -> Any:
-            from datetime import timedelta
-
-            return self.clock.now() + timedelta(seconds=601)
-
-    h.platform.ledger.clock = Later(h.platform.ledger.clock)
+    h.platform.ledger.clock = Later(h.platform.ledger.clock, seconds=601)
     gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
     assert await gh.expire_overdue() == 1
     cancels = fake.requests_for("actions/cancel-workflow-run")
