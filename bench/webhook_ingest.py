@@ -95,6 +95,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import percentile  # noqa: E402 - after the path set-up above
+
 HOST = "127.0.0.1"  # every byte of load goes to loopback
 PROBOT_DIR = ROOT / "bench" / "probot_app"
 RESULTS = ROOT / "bench" / "results"
@@ -661,13 +664,31 @@ async def open_loop(
     }
 
 
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]
+async def run_open_loop(
+    ctx: Any, url: str, rate: float, seconds: float, nonce: str, conns: int
+) -> subprocess.CompletedProcess[str]:
+    """This script's ``--open-loop`` mode in a separate process (the load generator)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--open-loop",
+        url,
+        "--body-file",
+        str(ctx.body_file),
+        "--sig",
+        ctx.sig,
+        "--rate",
+        str(rate),
+        "--duration",
+        str(seconds),
+        "--nonce",
+        nonce,
+        "--conns",
+        str(conns),
+    ]
+    return await asyncio.to_thread(
+        subprocess.run, cmd, capture_output=True, text=True, timeout=seconds * 6 + 120, check=False
+    )
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -864,31 +885,7 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
     for rate in ctx.rates:
         tag = f"{nonce}-ol{int(rate)}"
         async with phase_window(srv) as box:
-            out = await asyncio.to_thread(
-                subprocess.run,
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--open-loop",
-                    url,
-                    "--body-file",
-                    str(ctx.body_file),
-                    "--sig",
-                    ctx.sig,
-                    "--rate",
-                    str(rate),
-                    "--duration",
-                    str(ctx.duration),
-                    "--nonce",
-                    tag,
-                    "--conns",
-                    str(ctx.ol_conns),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=ctx.duration * 6 + 120,
-                check=False,
-            )
+            out = await run_open_loop(ctx, url, rate, ctx.duration, tag, ctx.ol_conns)
         if out.returncode != 0:
             raise RuntimeError(f"open loop failed: {out.stderr[-2000:]}")
         ol = json.loads(out.stdout)
@@ -1321,31 +1318,7 @@ async def worker_experiment(
         cpu0 = sum(cpu_ms(tree(srv.proc.pid)).values())
         t0 = time.monotonic()
         with RssSampler(srv.proc.pid) as rss:
-            out = await asyncio.to_thread(
-                subprocess.run,
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--open-loop",
-                    url,
-                    "--body-file",
-                    str(ctx.body_file),
-                    "--sig",
-                    ctx.sig,
-                    "--rate",
-                    str(rate),
-                    "--duration",
-                    str(seconds),
-                    "--nonce",
-                    f"wk{secrets.token_hex(4)}",
-                    "--conns",
-                    "16",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=seconds * 6 + 120,
-                check=False,
-            )
+            out = await run_open_loop(ctx, url, rate, seconds, f"wk{secrets.token_hex(4)}", 16)
             ol = json.loads(out.stdout)
             cpu_load = sum(cpu_ms(tree(srv.proc.pid)).values()) - cpu0
             final: dict[str, int] = {}
