@@ -11,6 +11,7 @@ It only lives as long as the process: the ledger's outbox is what makes a restar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine, Mapping
@@ -71,7 +72,9 @@ class MemoryQueue:
         self.max_deliver = max_deliver
         self.duplicate_window = duplicate_window
         self._ready: deque[_Entry] = deque()
-        self._cond = asyncio.Condition()
+        #: fetchers waiting for a message (plain futures: cancelling one is instant and can
+        #: never wedge, unlike a Condition that must re-acquire its lock while cancelled)
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -99,26 +102,50 @@ class MemoryQueue:
         await self._push(_Entry(subject, msg_id, dict(payload), dict(headers or {})))
 
     async def _push(self, entry: _Entry) -> None:
-        async with self._cond:
-            self._ready.append(entry)
-            self._cond.notify()
+        self._ready.append(entry)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def fetch(self, batch: int, timeout: float) -> list[Message]:
         out: list[Message] = []
-        async with self._cond:
-            if not self._ready:
-                try:
-                    await asyncio.wait_for(self._cond.wait_for(lambda: bool(self._ready)), timeout)
-                except TimeoutError:
-                    return out
-            while self._ready and len(out) < batch:
-                entry = self._ready.popleft()
-                if entry.acked:
-                    continue
-                entry.num_delivered += 1
-                entry.token += 1
-                out.append(MemoryMessage(self, entry, entry.token))
-                self._arm(entry, self.ack_wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._ready:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return out
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter
+            except TimeoutError:
+                return out
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: the wake-up goes to another
+                raise
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        while self._ready and len(out) < batch:
+            entry = self._ready.popleft()
+            if entry.acked:
+                continue
+            entry.num_delivered += 1
+            entry.token += 1
+            out.append(MemoryMessage(self, entry, entry.token))
+            self._arm(entry, self.ack_wait)
+        if self._ready:  # more left: pass the baton to the next fetcher
+            self._wake_one()
         return out
 
     def _arm(self, entry: _Entry, delay: float) -> None:

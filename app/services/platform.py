@@ -387,8 +387,8 @@ class Platform:
         ihash = input_hash(req.input)
         now = self.clock.now()
         period = month_period(now)
+        from app.store.hot import CapRefused, NewCast
         from app.store.ledger import new_id
-        from app.store.models import Cast, CastTarget
 
         cast_id = new_id("c")
         if mode == "workflow":
@@ -404,57 +404,44 @@ class Platform:
             "estimate_cents": estimate,
             "currency": doc.pricing.currency,
         }
-
-        async def work(s: Any) -> tuple[int, dict[str, Any]]:
-            held, reserved_period = "none", period
-            if estimate > 0:
-                got = await self.ledger.reserve(s, caller.account_id, estimate, period)
-                if got is None:
-                    raise await self._cap_error(s, caller.account_id, estimate)
-                held, reserved_period = "held", got
-            cast = Cast(
-                id=cast_id,
-                spell_id=spell.id,
-                spell_version=version.version,
-                caster_id=caller.account_id,
-                principal_id=caller.principal_id,
-                input_hash=ihash,
-                input=req.input,
-                mode=mode,
-                status="queued",
-                currency=doc.pricing.currency,
-                estimate_cents=estimate,
-                cost_cents=None,
-                reservation=held,
-                reserved_period=reserved_period,
-                attempt=0,
-                event_seq=0,
-                traceparent=traceparent,
-                created_at=now,
-            )
-            await self.ledger.insert_cast(s, cast, subject=subject)
-            if origin is not None or target_repo is not None:
-                s.add(
-                    CastTarget(
-                        cast_id=cast_id,
-                        source=origin.source if origin else "api",
-                        installation_id=installation_id
-                        if installation_id is not None
-                        else (origin.installation_id if origin else None),
-                        repo=(target_repo or (origin.repo if origin else "")).lower() or None,
-                        issue_number=origin.issue_number if origin else None,
-                        comment_id=origin.comment_id if origin else None,
-                        head_sha=origin.head_sha if origin else None,
-                        workflow_id=doc.execution.workflow.workflow_id
-                        if mode == "workflow" and doc.execution.workflow
-                        else None,
-                    )
-                )
-            return 202, accepted
-
-        status, resp, replayed = await self.ledger.run_idempotent(
-            caller.principal_id, idempotency_key, rhash, work, response=(202, accepted)
+        target: dict[str, Any] | None = None
+        if origin is not None or target_repo is not None:
+            target = {
+                "source": origin.source if origin else "api",
+                "installation_id": installation_id
+                if installation_id is not None
+                else (origin.installation_id if origin else None),
+                "repo": (target_repo or (origin.repo if origin else "")).lower() or None,
+                "issue_number": origin.issue_number if origin else None,
+                "comment_id": origin.comment_id if origin else None,
+                "head_sha": origin.head_sha if origin else None,
+                "workflow_id": doc.execution.workflow.workflow_id
+                if mode == "workflow" and doc.execution.workflow
+                else None,
+            }
+        new = NewCast(
+            id=cast_id,
+            spell_id=spell.id,
+            spell_version=version.version,
+            caster_id=caller.account_id,
+            principal_id=caller.principal_id,
+            input_hash=ihash,
+            input=req.input,
+            mode=mode,
+            currency=doc.pricing.currency,
+            estimate_cents=estimate,
+            period=period,
+            traceparent=traceparent,
+            created_at=now,
+            subject=subject,
+            target=target,
         )
+        try:
+            status, resp, replayed = await self.ledger.accept_cast(
+                new, key=idempotency_key, req_hash=rhash, response=(202, accepted)
+            )
+        except CapRefused:
+            raise await self._cap_error(caller.account_id, estimate) from None
         if not replayed:
             await self.audit.append(
                 "cast.accepted",
@@ -498,8 +485,8 @@ class Platform:
             )
         return installation
 
-    async def _cap_error(self, s: Any, account_id: str, estimate: int) -> AppError:
-        view = await self.ledger.budget(account_id, s)
+    async def _cap_error(self, account_id: str, estimate: int) -> AppError:
+        view = await self.ledger.budget(account_id)
         if view is None:
             return AppError("BUDGET_CAP_EXCEEDED", "the account has no budget; ask an operator")
         which = which_cap_refused(estimate=estimate, monthly=view.monthly, total=view.total)

@@ -12,8 +12,9 @@ from datetime import datetime
 from sqlalchemy import select, update
 
 from app.services.ports import Clock
+from app.store import hot
 from app.store.ledger import SqlLedger
-from app.store.models import Outbox, WebhookDelivery
+from app.store.models import WebhookDelivery
 
 
 class Inbox:
@@ -22,33 +23,14 @@ class Inbox:
         self.clock = clock
 
     async def accept(self, source: str, delivery_id: str, event: str, body: bytes) -> bool:
-        """Store a verified delivery; False if this delivery id was seen before."""
+        """Store a verified delivery; False if this delivery id was seen before.
+
+        On the bare-driver hot path (app/store/fastsql.py): on SQLite, deliveries arriving
+        together share one group-committed transaction."""
         now = self.clock.now()
-        async with self.ledger.write() as s:
-            res = await s.execute(
-                self.ledger._insert(WebhookDelivery)
-                .values(
-                    delivery_id=delivery_id,
-                    source=source,
-                    event=event,
-                    body=body,
-                    status="pending",
-                    attempts=0,
-                    received_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["delivery_id"])
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                return False
-            s.add(
-                Outbox(
-                    subject=f"webhook.{source}",
-                    msg_id=f"wh:{delivery_id}",
-                    payload={"delivery_id": delivery_id},
-                    created_at=now,
-                )
-            )
-            return True
+        return await self.ledger.fast.run(
+            lambda: hot.accept_delivery(source, delivery_id, event, body, now)
+        )
 
     async def get(self, delivery_id: str) -> WebhookDelivery | None:
         async with self.ledger.reader() as s:

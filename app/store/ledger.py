@@ -29,6 +29,8 @@ from app.domain.caps import CapView, month_period
 from app.domain.spells import SpellDocument, semver_key
 from app.errors import AppError
 from app.services.ports import Clock
+from app.store import hot
+from app.store.fastsql import Runner, runner_for_url
 from app.store.models import (
     Account,
     Artifact,
@@ -69,6 +71,10 @@ class Claim:
 
 
 class SqlLedger:
+    #: Stripe billing is on (set at wiring time): a settled cast with a cost also queues its
+    #: ``billing.charge`` job, in the same transaction (see ``_close_reservation``).
+    billing_enabled: bool = False
+
     def __init__(
         self, engine: AsyncEngine, clock: Clock, *, idempotency_ttl: int = 24 * 3600
     ) -> None:
@@ -83,6 +89,19 @@ class SqlLedger:
         )
         self.dialect = engine.dialect.name
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._fast: Runner | None = None
+
+    @property
+    def fast(self) -> Runner:
+        """The bare-driver runner of the hot paths (app/store/fastsql.py), created on first use."""
+        if self._fast is None:
+            self._fast = runner_for_url(self.engine.url.render_as_string(hide_password=False))
+        return self._fast
+
+    async def aclose(self) -> None:
+        """Stop the hot-path runner (its writer thread or connection pool)."""
+        if self._fast is not None:
+            await self._fast.aclose()
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -93,8 +112,14 @@ class SqlLedger:
             async with self.sessions.begin() as s:
                 yield s
             return
-        async with self._write_lock, self.sessions.begin() as s:
+        async with self._write_lock, self._exclusive(), self.sessions.begin() as s:
             yield s
+
+    def _exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # The hot-path writer thread keeps still (outside any transaction) meanwhile.
+        if self._fast is None:
+            return contextlib.nullcontext()
+        return self._fast.exclusive()
 
     def _insert(self, model: Any) -> Any:
         mod = postgresql if self.dialect == "postgresql" else sqlite
@@ -539,6 +564,32 @@ class SqlLedger:
 
     # ------------------------------------------------------------------ casts
 
+    async def accept_cast(
+        self,
+        cast: hot.NewCast,
+        *,
+        key: str,
+        req_hash: str,
+        response: tuple[int, dict[str, Any]],
+    ) -> tuple[int, dict[str, Any], bool]:
+        """Accept a new cast in ONE transaction on the bare driver (the API's hot path):
+        Idempotency-Key, cast row, first event, outbox message, target, reservation.
+
+        Returns ``(status, body, replayed)``; raises :class:`app.store.hot.CapRefused` when
+        the estimate does not fit under a cap (nothing is written then, not even the key).
+        """
+        now = self.clock.now()
+        k = hot.IdemKey(
+            principal_id=cast.principal_id,
+            key=key,
+            request_hash=req_hash,
+            status=response[0],
+            body=response[1],
+            now=now,
+            expires_at=now + timedelta(seconds=self.idempotency_ttl),
+        )
+        return await self.fast.run(lambda: hot.accept_cast(cast, k))
+
     async def insert_cast(self, s: AsyncSession, cast: Cast, *, subject: str | None) -> None:
         """Add a new cast, its first event and (for queued runs) its outbox message."""
         cast.event_seq = 1  # its first event, added here: no counter round trip needed
@@ -771,6 +822,15 @@ class SqlLedger:
                         created_at=self.clock.now(),
                     )
                 )
+                if self.billing_enabled:
+                    s.add(
+                        Outbox(
+                            subject="billing.charge",
+                            msg_id=f"cast:{cast.id}:charge",
+                            payload={"cast_id": cast.id, "traceparent": cast.traceparent},
+                            created_at=self.clock.now(),
+                        )
+                    )
         else:
             await self._unreserve(s, cast, cost=0, new_state="released")
 
@@ -887,15 +947,9 @@ class SqlLedger:
             )
 
     async def set_audit_head(self, log: str, seq: int, digest: str) -> None:
+        """Move the audit head pointer forward (never back); on the hot-path runner."""
         now = self.clock.now()
-        async with self.write() as s:
-            stmt = self._insert(AuditPointer).values(log=log, seq=seq, hash=digest, updated_at=now)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["log"],
-                set_={"seq": seq, "hash": digest, "updated_at": now},
-                where=AuditPointer.seq < seq,
-            )
-            await s.execute(stmt)
+        await self.fast.run(lambda: hot.set_audit_head(log, seq, digest, now))
 
     async def audit_head(self, log: str) -> tuple[int, str] | None:
         async with self.reader() as s:
@@ -904,11 +958,7 @@ class SqlLedger:
 
 
 def _idempotency_conflict() -> AppError:
-    return AppError(
-        "IDEMPOTENCY_CONFLICT",
-        "this Idempotency-Key was used with a different request; "
-        "send the same request to get the same answer, or use a new key",
-    )
+    return hot.idempotency_conflict()
 
 
 def _budget_view(b: Budget, period: str) -> BudgetView:

@@ -333,6 +333,8 @@ async def cast_events(request: web.Request) -> web.StreamResponse:
                 continue
             current = await platform.ledger.get_cast(cast.id)
             if current is not None and current.status in ("succeeded", "failed"):
+                if last < current.event_seq:
+                    continue  # it ended between our two reads: send the remaining events
                 # Resumed after the terminal event: nothing more will come.
                 await resp.write_eof()
                 return resp

@@ -1,0 +1,393 @@
+"""The ledger's hot paths on the bare database drivers: one definition, two backends.
+
+Accepting a cast or a webhook delivery is a handful of small statements in one transaction.
+Through SQLAlchemy's async ORM on aiosqlite each of them costs a thread hand-off plus ORM
+bookkeeping (~4 ms of CPU per cast, measured in bench/README.md); the database itself needs
+~0.1 ms. So the few hot use cases are written as *programs*: generators that yield
+:class:`Stmt` and receive :class:`Res`, with no I/O of their own. A runner executes a program
+in one transaction:
+
+* :class:`SqliteRunner` — one writer thread owning a stdlib ``sqlite3`` connection. It takes
+  every program queued while it was busy and runs them in ONE ``BEGIN IMMEDIATE`` transaction,
+  each inside its own ``SAVEPOINT`` (a failing program is rolled back alone), then commits once
+  and wakes all callers with a single loop callback: group commit. SQLAlchemy writers of the
+  same process take the thread's :meth:`SqliteRunner.exclusive` turn, so the two never meet in
+  SQLite's busy handler.
+* :class:`PgRunner` — an asyncpg pool; each program runs in its own transaction with the
+  server's prepared-statement cache. PostgreSQL does its own group commit.
+
+SQL is written once with ``?`` placeholders in the dialect both accept (``ON CONFLICT``,
+``RETURNING``); :class:`Json` marks JSON parameters and datetimes are converted per backend
+exactly as SQLAlchemy's column types store them, so ORM reads see the same values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import re
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Json:
+    """A parameter stored in a JSON column (text on SQLite, ``json`` on PostgreSQL)."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Stmt:
+    sql: str
+    args: Sequence[Any] = ()
+    #: ``rows``: collect the result rows (``SELECT`` / ``RETURNING``)
+    rows: bool = False
+
+
+@dataclass(slots=True)
+class Res:
+    rowcount: int
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self.rows[0] if self.rows else None
+
+
+Program = Generator[Stmt, Res, T]
+
+
+# ---------------------------------------------------------------------------- value adaptation
+
+
+def sqlite_time(value: datetime) -> str:
+    """The text SQLAlchemy's SQLite ``DateTime`` stores (naive UTC, microseconds)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the ledger; use timezone-aware UTC")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sqlite_arg(value: Any) -> Any:
+    if isinstance(value, Json):
+        return json.dumps(value.value)
+    if isinstance(value, datetime):
+        return sqlite_time(value)
+    return value
+
+
+def _pg_arg(value: Any) -> Any:
+    if isinstance(value, Json):
+        return json.dumps(value.value)
+    if isinstance(value, datetime) and value.tzinfo is None:
+        raise ValueError("naive datetime given to the ledger; use timezone-aware UTC")
+    return value
+
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def pg_sql(sql: str, _cache: dict[str, str] = {}) -> str:  # noqa: B006 - a deliberate memo
+    """``?`` placeholders → ``$1, $2, …`` (our SQL never has ``?`` inside a literal)."""
+    out = _cache.get(sql)
+    if out is None:
+        counter = iter(range(1, 10_000))
+        out = _PLACEHOLDER.sub(lambda _m: f"${next(counter)}", sql)
+        _cache[sql] = out
+    return out
+
+
+# ---------------------------------------------------------------------------- SQLite
+
+
+class _Job(Generic[T]):
+    __slots__ = ("error", "factory", "future", "outcome")
+
+    def __init__(self, factory: Callable[[], Program[T]], future: asyncio.Future[T]) -> None:
+        self.factory = factory
+        self.future = future
+        self.outcome: Any = None
+        self.error: BaseException | None = None
+
+
+class _Barrier:
+    """An exclusive turn for another writer: the thread commits its batch, then waits."""
+
+    __slots__ = ("done", "go")
+
+    def __init__(self, go: asyncio.Future[None]) -> None:
+        self.go = go
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+def _drive_sqlite(conn: sqlite3.Connection, program: Program[T]) -> T:
+    try:
+        stmt = next(program)
+        while True:
+            cur = conn.execute(stmt.sql, [_sqlite_arg(a) for a in stmt.args])
+            rows = cur.fetchall() if stmt.rows else []
+            # sqlite3 reports rowcount for DML; with RETURNING it is only final after fetchall
+            res = Res(rowcount=cur.rowcount if cur.rowcount >= 0 else len(rows), rows=rows)
+            cur.close()
+            stmt = program.send(res)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+class SqliteRunner:
+    """Group-committing writer thread for SQLite (see the module docstring)."""
+
+    #: programs per transaction at most (keeps one commit's latency bounded)
+    MAX_BATCH = 256
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the ledger is closed")
+            if self._thread is None:
+                conn = self._connect()
+                t = threading.Thread(
+                    target=self._serve, args=(conn,), name="ledger-writer", daemon=True
+                )
+                t.start()
+                self._thread = t
+
+    async def run(self, factory: Callable[[], Program[T]]) -> T:
+        """Run one program in a (shared) write transaction; its result or its exception."""
+        self._ensure_thread()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Job(factory, fut))
+        return await fut
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the writer thread still (no open transaction) while another connection writes."""
+        if self._thread is None:  # nothing to keep out yet
+            yield
+            return
+        barrier = _Barrier(asyncio.get_running_loop().create_future())
+        self._queue.put(barrier)
+        try:
+            await asyncio.shield(barrier.go)
+            yield
+        finally:
+            if barrier.go.done():
+                barrier.done.set()
+            else:  # cancelled while waiting: release the turn as soon as it is granted
+                barrier.go.add_done_callback(lambda _f: barrier.done.set())
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+            self._thread = None
+
+    # -- the thread
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                if isinstance(item, _Barrier):
+                    self._grant(item)
+                    continue
+                batch: list[_Job[Any]] = [item]
+                follow: Any = None
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, _Job):
+                        batch.append(nxt)
+                    else:
+                        follow = nxt
+                        break
+                self._commit(conn, batch)
+                if follow is _STOP:
+                    return
+                if isinstance(follow, _Barrier):
+                    self._grant(follow)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _grant(barrier: _Barrier) -> None:
+        loop = barrier.go.get_loop()
+        try:
+            loop.call_soon_threadsafe(_set_result, barrier.go)
+        except RuntimeError:  # its loop is closed: nobody holds the turn
+            return
+        # Wait until the holder is done; a holder whose loop died never releases, so look up.
+        while not barrier.done.wait(1.0):
+            if loop.is_closed():
+                return
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            for job in batch:
+                job.error = e
+            self._wake(batch)
+            return
+        broken: BaseException | None = None
+        for job in batch:
+            if broken is not None:
+                job.error = broken
+                continue
+            if job.future.cancelled():
+                continue
+            try:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.outcome = _drive_sqlite(conn, job.factory())
+                except Exception as e:
+                    job.error = e
+                    conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            except sqlite3.Error as e:  # the transaction itself failed (I/O, lock, corruption)
+                broken = e
+                job.error = job.error or e
+        try:
+            if broken is not None:
+                raise broken
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for job in batch:
+                job.error = job.error or e
+                job.outcome = None
+        self._wake(batch)
+
+    @staticmethod
+    def _wake(batch: list[_Job[Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job[Any]]] = {}
+        for job in batch:
+            by_loop.setdefault(job.future.get_loop(), []).append(job)
+        for loop, jobs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_resolve, jobs)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _resolve(jobs: list[_Job[Any]]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.outcome)
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+class PgRunner:
+    """asyncpg pool; each program is one transaction."""
+
+    def __init__(self, dsn: str, *, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.max_size = max_size
+        self._pool: Any = None
+        self._init = asyncio.Lock()
+
+    async def _get_pool(self) -> Any:
+        if self._pool is None:
+            async with self._init:
+                if self._pool is None:
+                    import asyncpg
+
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn, min_size=1, max_size=self.max_size
+                    )
+        return self._pool
+
+    async def run(self, factory: Callable[[], Program[T]]) -> T:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            program = factory()
+            try:
+                stmt = next(program)
+                while True:
+                    sql = pg_sql(stmt.sql)
+                    args = [_pg_arg(a) for a in stmt.args]
+                    if stmt.rows:
+                        recs = await conn.fetch(sql, *args)
+                        res = Res(rowcount=len(recs), rows=[tuple(r) for r in recs])
+                    else:
+                        status = await conn.execute(sql, *args)
+                        res = Res(rowcount=_pg_rowcount(status))
+                    stmt = program.send(res)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        yield  # PostgreSQL arbitrates writers itself
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+def _pg_rowcount(status: str) -> int:
+    """asyncpg's command tag (``INSERT 0 1``, ``UPDATE 3``) → the row count."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+Runner = SqliteRunner | PgRunner
+
+
+def runner_for_url(url: str) -> Runner:
+    """The runner for a SQLAlchemy URL (``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        db = u.database or ""
+        if db in ("", ":memory:"):
+            raise ValueError("the fast ledger path needs a SQLite file, not an in-memory database")
+        return SqliteRunner(db)
+    dsn = u.set(drivername="postgresql").render_as_string(hide_password=False)
+    return PgRunner(dsn)

@@ -1,0 +1,181 @@
+"""The bare-driver runners of the ledger's hot paths (app/store/fastsql.py).
+
+SQLite: programs queued together share one group-committed transaction, each in its own
+savepoint — a failing program is rolled back alone, the others commit; an exclusive turn keeps
+the writer thread out of another connection's transaction. Values are stored exactly as
+SQLAlchemy's column types store them, so ORM reads see the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.store.fastsql import (
+    Json,
+    Program,
+    SqliteRunner,
+    Stmt,
+    _pg_rowcount,
+    pg_sql,
+    runner_for_url,
+    sqlite_time,
+)
+
+
+def _db(tmp_path: Path) -> str:
+    path = str(tmp_path / "t.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, n INTEGER NOT NULL, j TEXT, at TEXT)")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _rows(path: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT k, n, j, at FROM t ORDER BY k").fetchall()
+    finally:
+        conn.close()
+
+
+def insert(k: str, n: int) -> Program[int]:
+    res = yield Stmt("INSERT INTO t (k, n) VALUES (?, ?) ON CONFLICT (k) DO NOTHING", (k, n))
+    return res.rowcount
+
+
+def insert_then_fail(k: str) -> Program[None]:
+    yield Stmt("INSERT INTO t (k, n) VALUES (?, 1)", (k,))
+    raise ValueError("refused after writing")
+
+
+async def test_a_failing_program_is_rolled_back_alone_in_a_shared_transaction(
+    tmp_path: Path,
+) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    try:
+        jobs = [runner.run(lambda i=i: insert(f"ok{i}", i)) for i in range(20)]
+        jobs.insert(7, runner.run(lambda: insert_then_fail("bad")))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+    finally:
+        await runner.aclose()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert [r for r in results if not isinstance(r, BaseException)] == [1] * 20
+    keys = [row[0] for row in _rows(path)]
+    assert "bad" not in keys
+    assert sorted(keys) == sorted(f"ok{i}" for i in range(20))
+
+
+async def test_conflicts_and_returning_rows_are_reported(tmp_path: Path) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+
+    def bump(k: str) -> Program[int | None]:
+        res = yield Stmt("UPDATE t SET n = n + 1 WHERE k = ? RETURNING n", (k,), rows=True)
+        row = res.first()
+        return None if row is None else int(row[0])
+
+    try:
+        assert await runner.run(lambda: insert("a", 1)) == 1
+        assert await runner.run(lambda: insert("a", 5)) == 0  # ON CONFLICT DO NOTHING
+        assert await runner.run(lambda: bump("a")) == 2
+        assert await runner.run(lambda: bump("missing")) is None
+    finally:
+        await runner.aclose()
+
+
+async def test_json_and_times_are_stored_as_sqlalchemy_stores_them(tmp_path: Path) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    at = datetime(2026, 11, 26, 6, 30, 1, 123456, tzinfo=UTC)
+
+    def put() -> Program[None]:
+        yield Stmt(
+            "INSERT INTO t (k, n, j, at) VALUES (?, ?, ?, ?)", ("x", 1, Json({"a": [1, 2]}), at)
+        )
+
+    try:
+        await runner.run(put)
+    finally:
+        await runner.aclose()
+    assert _rows(path) == [("x", 1, '{"a": [1, 2]}', "2026-11-26 06:30:01.123456")]
+    with pytest.raises(ValueError):
+        sqlite_time(datetime(2026, 1, 1))  # naive times are refused, as by the ORM type
+
+
+async def test_an_exclusive_turn_waits_for_the_open_batch_and_keeps_the_thread_out(
+    tmp_path: Path,
+) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    release = threading.Event()
+
+    def slow() -> Program[None]:
+        yield Stmt("INSERT INTO t (k, n) VALUES ('slow', 1)")
+        release.wait(5)  # the writer thread holds its transaction open meanwhile
+
+    try:
+        busy = asyncio.ensure_future(runner.run(slow))
+        await asyncio.sleep(0.05)
+        entered = asyncio.Event()
+
+        async def other_writer() -> None:
+            async with runner.exclusive():
+                entered.set()
+                # The thread has committed and waits: this connection gets the lock at once.
+                other = sqlite3.connect(path, isolation_level=None, timeout=0)
+                other.execute("BEGIN IMMEDIATE")
+                queued = asyncio.ensure_future(runner.run(lambda: insert("queued", 2)))
+                await asyncio.sleep(0.05)
+                assert not queued.done()  # held back until the turn ends
+                other.execute("INSERT INTO t (k, n) VALUES ('other', 3)")
+                other.execute("COMMIT")
+                other.close()
+            assert await queued == 1
+
+        turn = asyncio.ensure_future(other_writer())
+        await asyncio.sleep(0.05)
+        assert not entered.is_set()  # not while the batch's transaction is open
+        release.set()
+        await busy
+        await turn
+    finally:
+        release.set()
+        await runner.aclose()
+    assert [r[0] for r in _rows(path)] == ["other", "queued", "slow"]
+
+
+async def test_a_closed_runner_refuses_work(tmp_path: Path) -> None:
+    runner = SqliteRunner(_db(tmp_path))
+    await runner.run(lambda: insert("a", 1))
+    await runner.aclose()
+    with pytest.raises(RuntimeError):
+        await runner.run(lambda: insert("b", 1))
+
+
+def test_placeholders_and_command_tags_for_postgresql() -> None:
+    assert pg_sql("UPDATE t SET a = ? WHERE b = ? AND c <= ?") == (
+        "UPDATE t SET a = $1 WHERE b = $2 AND c <= $3"
+    )
+    assert _pg_rowcount("INSERT 0 1") == 1
+    assert _pg_rowcount("UPDATE 0") == 0
+    assert _pg_rowcount("DELETE 12") == 12
+
+
+def test_runner_for_url_picks_the_backend(tmp_path: Path) -> None:
+    r = runner_for_url(f"sqlite+aiosqlite:///{tmp_path}/x.db")
+    assert isinstance(r, SqliteRunner) and r.path == f"{tmp_path}/x.db"
+    pg = runner_for_url("postgresql+asyncpg://u:secret@127.0.0.1:5432/db")
+    assert getattr(pg, "dsn", "") == "postgresql://u:secret@127.0.0.1:5432/db"
+    with pytest.raises(ValueError):
+        runner_for_url("sqlite+aiosqlite:///:memory:")
