@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import AppError
@@ -246,3 +246,288 @@ def set_audit_head(log: str, seq: int, digest: str, now: datetime) -> Program[No
         " updated_at = excluded.updated_at WHERE audit_pointers.seq < excluded.seq",
         (log, seq, digest, now),
     )
+
+
+# ---------------------------------------------------------------------------- runs
+
+#: the columns of ``casts``, in the order the programs below return them
+CAST_COLUMNS = (
+    "id",
+    "spell_id",
+    "spell_version",
+    "caster_id",
+    "principal_id",
+    "input_hash",
+    "input",
+    "mode",
+    "status",
+    "currency",
+    "estimate_cents",
+    "cost_cents",
+    "reservation",
+    "reserved_period",
+    "attempt",
+    "event_seq",
+    "error_code",
+    "error_message",
+    "run_url",
+    "artifact_id",
+    "traceparent",
+    "region",
+    "created_at",
+    "started_at",
+    "lease_until",
+    "finished_at",
+)
+_SELECT_CAST = f"SELECT {', '.join(CAST_COLUMNS)} FROM casts WHERE id = ?"  # noqa: S608
+_TIMES = {"created_at", "started_at", "lease_until", "finished_at"}
+
+
+def _time(value: Any) -> datetime | None:
+    """A stored time as an aware UTC datetime (SQLite gives text, asyncpg a datetime)."""
+    if value is None or isinstance(value, datetime):
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def cast_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A ``casts`` row (in :data:`CAST_COLUMNS` order) as model attributes."""
+    out = dict(zip(CAST_COLUMNS, row, strict=True))
+    for k in _TIMES:
+        out[k] = _time(out[k])
+    out["input"] = _json(out["input"])
+    return out
+
+
+def get_cast(cast_id: str) -> Program[dict[str, Any] | None]:
+    res = yield Stmt(_SELECT_CAST, (cast_id,), rows=True)
+    row = res.first()
+    return None if row is None else cast_row(row)
+
+
+def _event(cast_id: str, seq: int, stage: str, data: dict[str, Any], now: datetime) -> Stmt:
+    return Stmt(
+        "INSERT INTO cast_events (cast_id, seq, stage, data, created_at) VALUES (?, ?, ?, ?, ?)",
+        (cast_id, seq, stage, Json(data), now),
+    )
+
+
+def claim(cast_id: str, now: datetime, lease_until: datetime) -> Program[dict[str, Any] | None]:
+    """queued → running with the next attempt number, a lease and the ``running`` event."""
+    res = yield Stmt(
+        "UPDATE casts SET status = 'running', attempt = attempt + 1, started_at = ?,"
+        " lease_until = ?, event_seq = event_seq + 1 WHERE id = ? AND status = 'queued'"
+        " RETURNING event_seq",
+        (now, lease_until, cast_id),
+        rows=True,
+    )
+    row = res.first()
+    if row is None:
+        return None
+    yield _event(cast_id, int(row[0]), "running", {"status": "running"}, now)
+    return (yield from get_cast(cast_id))
+
+
+def append_events(
+    cast_id: str, attempt: int, events: list[tuple[str, dict[str, Any]]], now: datetime
+) -> Program[bool]:
+    """Progress/log events of a live attempt; nothing (False) if it was superseded."""
+    if not events:
+        return True
+    res = yield Stmt(
+        "UPDATE casts SET event_seq = event_seq + ? WHERE id = ? AND attempt = ?"
+        " AND status = 'running' RETURNING event_seq",
+        (len(events), cast_id, attempt),
+        rows=True,
+    )
+    row = res.first()
+    if row is None:
+        return False
+    first = int(row[0]) - len(events) + 1
+    for i, (stage, data) in enumerate(events):
+        yield _event(cast_id, first + i, stage, data, now)
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class NewArtifact:
+    id: str
+    location: str
+    digest: str
+    size_bytes: int
+    created_at: datetime
+    expires_at: datetime
+
+
+def _close_reservation(
+    cast: dict[str, Any], *, succeeded: bool, cost: int, billing: bool, now: datetime
+) -> Program[None]:
+    """Settle (success: the actual cost, capped at the estimate, moves into used) or release
+    the cast's reservation — exactly once, guarded by ``reservation`` flipping from ``held``;
+    queue GitHub feedback for casts that came from GitHub, and the Stripe charge job."""
+    res = yield Stmt("SELECT source FROM cast_targets WHERE cast_id = ?", (cast["id"],), rows=True)
+    src = res.first()
+    if src is not None and src[0] in ("comment", "repository_dispatch"):
+        yield Stmt(
+            "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"
+            " VALUES ('github.notify', ?, ?, ?, NULL) ON CONFLICT (msg_id) DO NOTHING",
+            (f"notify:{cast['id']}:{cast['status']}", Json({"cast_id": cast["id"]}), now),
+        )
+    cost = min(cost, int(cast["estimate_cents"])) if succeeded else 0
+    flipped = yield Stmt(
+        "UPDATE casts SET reservation = ? WHERE id = ? AND reservation = 'held'",
+        ("settled" if succeeded else "released", cast["id"]),
+    )
+    if flipped.rowcount == 1:
+        est = int(cast["estimate_cents"])
+        period = cast["reserved_period"]
+        yield Stmt(
+            "UPDATE budgets SET"
+            " monthly_reserved_cents = monthly_reserved_cents"
+            " - CASE WHEN period = ? THEN CAST(? AS BIGINT) ELSE 0 END,"
+            " monthly_used_cents = monthly_used_cents"
+            " + CASE WHEN period = ? THEN CAST(? AS BIGINT) ELSE 0 END,"
+            " total_reserved_cents = total_reserved_cents - ?,"
+            " total_used_cents = total_used_cents + ?, updated_at = ?"
+            " WHERE account_id = ?",
+            (period, est, period, cost, est, cost, now, cast["caster_id"]),
+        )
+    if succeeded and cost > 0:
+        yield Stmt(
+            "INSERT INTO billing_ledger (cast_id, account_id, kind, amount_cents, currency,"
+            " method, refund_ref, idempotency_ref, created_at)"
+            " VALUES (?, ?, 'charge', ?, ?, 'ledger', NULL, ?, ?)",
+            (
+                cast["id"],
+                cast["caster_id"],
+                cost,
+                cast["currency"],
+                f"cast:{cast['id']}:charge",
+                now,
+            ),
+        )
+        if billing:
+            yield Stmt(
+                "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"
+                " VALUES ('billing.charge', ?, ?, ?, NULL) ON CONFLICT (msg_id) DO NOTHING",
+                (
+                    f"cast:{cast['id']}:charge",
+                    Json({"cast_id": cast["id"], "traceparent": cast["traceparent"]}),
+                    now,
+                ),
+            )
+
+
+def finish(
+    cast_id: str,
+    attempt: int,
+    *,
+    succeeded: bool,
+    cost_cents: int,
+    error_code: str | None,
+    error_message: str | None,
+    artifact: NewArtifact | None,
+    extra_event: dict[str, Any] | None,
+    billing: bool,
+    now: datetime,
+) -> Program[dict[str, Any] | None]:
+    """End a live attempt: status, artifact, settle/release, ledger line, final event."""
+    status = "succeeded" if succeeded else "failed"
+    res = yield Stmt(
+        "UPDATE casts SET status = ?, finished_at = ?, cost_cents = ?, error_code = ?,"
+        " error_message = ?, artifact_id = ?, event_seq = event_seq + 1"
+        " WHERE id = ? AND attempt = ? AND status = 'running' RETURNING event_seq",
+        (
+            status,
+            now,
+            cost_cents if succeeded else 0,
+            error_code,
+            error_message,
+            artifact.id if artifact is not None else None,
+            cast_id,
+            attempt,
+        ),
+        rows=True,
+    )
+    row = res.first()
+    if row is None:
+        return None
+    seq = int(row[0])
+    cast = yield from get_cast(cast_id)
+    assert cast is not None
+    if artifact is not None:
+        yield Stmt(
+            "INSERT INTO artifacts (id, cast_id, location, digest, size_bytes, created_at,"
+            " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                artifact.id,
+                cast_id,
+                artifact.location,
+                artifact.digest,
+                artifact.size_bytes,
+                artifact.created_at,
+                artifact.expires_at,
+            ),
+        )
+    yield from _close_reservation(
+        cast, succeeded=succeeded, cost=cost_cents, billing=billing, now=now
+    )
+    event: dict[str, Any] = {"status": status, **(extra_event or {})}
+    if succeeded:
+        event["cost_cents"] = cost_cents
+    else:
+        event["error"] = {"code": error_code, "message": error_message}
+    yield _event(cast_id, seq, status, event, now)
+    return cast
+
+
+def fail_unfinished(
+    cast_id: str, *, error_code: str, error_message: str, billing: bool, now: datetime
+) -> Program[dict[str, Any] | None]:
+    """Fail a queued or stranded cast that cannot run; releases its reservation."""
+    res = yield Stmt(
+        "UPDATE casts SET status = 'failed', finished_at = ?, cost_cents = 0, error_code = ?,"
+        " error_message = ?, event_seq = event_seq + 1"
+        " WHERE id = ? AND status IN ('queued', 'running') RETURNING event_seq",
+        (now, error_code, error_message, cast_id),
+        rows=True,
+    )
+    row = res.first()
+    if row is None:
+        return None
+    cast = yield from get_cast(cast_id)
+    assert cast is not None
+    yield from _close_reservation(cast, succeeded=False, cost=0, billing=billing, now=now)
+    yield _event(
+        cast_id,
+        int(row[0]),
+        "failed",
+        {"status": "failed", "error": {"code": error_code, "message": error_message}},
+        now,
+    )
+    return cast
+
+
+# ---------------------------------------------------------------------------- outbox
+
+
+def unsent_outbox(limit: int) -> Program[list[tuple[int, str, str, dict[str, Any]]]]:
+    res = yield Stmt(
+        "SELECT id, subject, msg_id, payload FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT ?",
+        (limit,),
+        rows=True,
+    )
+    return [(int(r[0]), str(r[1]), str(r[2]), dict(_json(r[3]))) for r in res.rows]
+
+
+def mark_sent(ids: list[int], now: datetime) -> Program[None]:
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        yield Stmt(
+            f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})",  # noqa: S608
+            (now, *chunk),
+        )

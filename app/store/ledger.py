@@ -39,7 +39,6 @@ from app.store.models import (
     Bundle,
     Cast,
     CastEvent,
-    CastTarget,
     IdempotencyKey,
     IssuedToken,
     LedgerLine,
@@ -72,7 +71,7 @@ class Claim:
 
 class SqlLedger:
     #: Stripe billing is on (set at wiring time): a settled cast with a cost also queues its
-    #: ``billing.charge`` job, in the same transaction (see ``_close_reservation``).
+    #: ``billing.charge`` job, in the same transaction (app/store/hot.py ``finish``).
     billing_enabled: bool = False
 
     def __init__(
@@ -536,34 +535,6 @@ class SqlLedger:
         row = (await s.execute(stmt)).first()
         return None if row is None else str(row[0])
 
-    async def _unreserve(self, s: AsyncSession, cast: Cast, *, cost: int, new_state: str) -> bool:
-        """Settle (``cost`` > 0 moves into used) or release a held reservation, exactly once."""
-        flipped = await s.execute(
-            update(Cast)
-            .where(Cast.id == cast.id, Cast.reservation == "held")
-            .values(reservation=new_state)
-            .execution_options(synchronize_session=False)
-        )
-        if flipped.rowcount != 1:  # type: ignore[attr-defined]
-            return False
-        same = Budget.period == cast.reserved_period
-        est = cast.estimate_cents
-        await s.execute(
-            update(Budget)
-            .where(Budget.account_id == cast.caster_id)
-            .values(
-                monthly_reserved_cents=Budget.monthly_reserved_cents - case((same, est), else_=0),
-                monthly_used_cents=Budget.monthly_used_cents + case((same, cost), else_=0),
-                total_reserved_cents=Budget.total_reserved_cents - est,
-                total_used_cents=Budget.total_used_cents + cost,
-                updated_at=self.clock.now(),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        return True
-
-    # ------------------------------------------------------------------ casts
-
     async def accept_cast(
         self,
         cast: hot.NewCast,
@@ -639,17 +610,9 @@ class SqlLedger:
         self, cast_id: str, events: Sequence[tuple[str, dict[str, Any]]], *, attempt: int
     ) -> bool:
         """Progress/log events of a running attempt; dropped if the attempt was superseded."""
-        async with self.write() as s:
-            live = await s.scalar(
-                select(Cast.id).where(
-                    Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running"
-                )
-            )
-            if live is None:
-                return False
-            for stage, data in events:
-                await self.add_event(s, cast_id, stage, data)
-            return True
+        now = self.clock.now()
+        evs = list(events)
+        return await self.fast.run(lambda: hot.append_events(cast_id, attempt, evs, now))
 
     async def events_after(self, cast_id: str, after: int, limit: int = 500) -> list[CastEvent]:
         async with self.reader() as s:
@@ -662,8 +625,8 @@ class SqlLedger:
             return list(rows.all())
 
     async def get_cast(self, cast_id: str) -> Cast | None:
-        async with self.reader() as s:
-            return await s.get(Cast, cast_id)
+        row = await self.fast.run(lambda: hot.get_cast(cast_id))
+        return None if row is None else Cast(**row)
 
     async def get_artifact(self, artifact_id: str) -> Artifact | None:
         async with self.reader() as s:
@@ -676,25 +639,11 @@ class SqlLedger:
         queued again by :meth:`reap_expired`; its old attempt can then change nothing.
         """
         now = self.clock.now()
-        async with self.write() as s:
-            attempt = await s.scalar(
-                update(Cast)
-                .where(Cast.id == cast_id, Cast.status == "queued")
-                .values(
-                    status="running",
-                    attempt=Cast.attempt + 1,
-                    started_at=now,
-                    lease_until=now + timedelta(seconds=lease_sec),
-                )
-                .returning(Cast.attempt)
-                .execution_options(synchronize_session=False)
-            )
-            if attempt is None:
-                return None
-            await self.add_event(s, cast_id, "running", {"status": "running"})
-            cast = await s.get(Cast, cast_id, populate_existing=True)
-            assert cast is not None
-            return Claim(cast=cast, attempt=int(attempt))
+        until = now + timedelta(seconds=lease_sec)
+        row = await self.fast.run(lambda: hot.claim(cast_id, now, until))
+        if row is None:
+            return None
+        return Claim(cast=Cast(**row), attempt=int(row["attempt"]))
 
     async def finish(
         self,
@@ -708,42 +657,39 @@ class SqlLedger:
         artifact: Artifact | None = None,
         extra_event: dict[str, Any] | None = None,
     ) -> Cast | None:
-        """End a run: status, artifact, settle or release, ledger line, final event — atomically.
+        """End a run: status, artifact, settle or release, ledger line, final event — atomically
+        (app/store/hot.py ``finish``).
 
         Guarded by ``attempt``: a stale worker whose attempt was superseded changes nothing and
         gets ``None``.
         """
         now = self.clock.now()
-        status = "succeeded" if succeeded else "failed"
-        async with self.write() as s:
-            done = await s.execute(
-                update(Cast)
-                .where(Cast.id == cast_id, Cast.attempt == attempt, Cast.status == "running")
-                .values(
-                    status=status,
-                    finished_at=now,
-                    cost_cents=cost_cents if succeeded else 0,
-                    error_code=error_code,
-                    error_message=error_message,
-                    artifact_id=artifact.id if artifact is not None else None,
-                )
-                .execution_options(synchronize_session=False)
+        art = None
+        if artifact is not None:
+            art = hot.NewArtifact(
+                id=artifact.id,
+                location=artifact.location,
+                digest=artifact.digest,
+                size_bytes=artifact.size_bytes,
+                created_at=artifact.created_at,
+                expires_at=artifact.expires_at,
             )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            cast = await s.get(Cast, cast_id, populate_existing=True)
-            assert cast is not None
-            if artifact is not None:
-                s.add(artifact)
-            await self._close_reservation(s, cast, succeeded=succeeded, cost=cost_cents)
-            event: dict[str, Any] = {"status": status, **(extra_event or {})}
-            if succeeded:
-                event["cost_cents"] = cost_cents
-            else:
-                event["error"] = {"code": error_code, "message": error_message}
-            await self.add_event(s, cast_id, status, event)
-            await s.flush()
-            return cast
+        billing = self.billing_enabled
+        row = await self.fast.run(
+            lambda: hot.finish(
+                cast_id,
+                attempt,
+                succeeded=succeeded,
+                cost_cents=cost_cents,
+                error_code=error_code,
+                error_message=error_message,
+                artifact=art,
+                extra_event=extra_event,
+                billing=billing,
+                now=now,
+            )
+        )
+        return None if row is None else Cast(**row)
 
     async def extend_lease(self, cast_id: str, attempt: int, *, lease_sec: float) -> bool:
         """Renew a running attempt's lease (the worker's heartbeat). False: it was superseded."""
@@ -762,77 +708,17 @@ class SqlLedger:
         """Fail a cast that cannot be run (e.g. its run request was dead-lettered); releases
         its reservation. Works whether it is still queued or stranded as running."""
         now = self.clock.now()
-        async with self.write() as s:
-            done = await s.execute(
-                update(Cast)
-                .where(Cast.id == cast_id, Cast.status.in_(("queued", "running")))
-                .values(
-                    status="failed",
-                    finished_at=now,
-                    cost_cents=0,
-                    error_code=error_code,
-                    error_message=error_message,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            cast = await s.get(Cast, cast_id, populate_existing=True)
-            assert cast is not None
-            await self._close_reservation(s, cast, succeeded=False, cost=0)
-            await self.add_event(
-                s,
+        billing = self.billing_enabled
+        row = await self.fast.run(
+            lambda: hot.fail_unfinished(
                 cast_id,
-                "failed",
-                {"status": "failed", "error": {"code": error_code, "message": error_message}},
+                error_code=error_code,
+                error_message=error_message,
+                billing=billing,
+                now=now,
             )
-            return cast
-
-    async def _notify_origin(self, s: AsyncSession, cast: Cast) -> None:
-        """A cast started from GitHub ended: queue the feedback job (comment, check run) with
-        the state change, in the same transaction."""
-        source = await s.scalar(select(CastTarget.source).where(CastTarget.cast_id == cast.id))
-        if source in ("comment", "repository_dispatch"):
-            s.add(
-                Outbox(
-                    subject="github.notify",
-                    msg_id=f"notify:{cast.id}:{cast.status}",
-                    payload={"cast_id": cast.id},
-                    created_at=self.clock.now(),
-                )
-            )
-
-    async def _close_reservation(
-        self, s: AsyncSession, cast: Cast, *, succeeded: bool, cost: int
-    ) -> None:
-        await self._notify_origin(s, cast)
-        if succeeded:
-            cost = min(cost, cast.estimate_cents)
-            await self._unreserve(s, cast, cost=cost, new_state="settled")
-            if cost > 0:
-                s.add(
-                    LedgerLine(
-                        cast_id=cast.id,
-                        account_id=cast.caster_id,
-                        kind="charge",
-                        amount_cents=cost,
-                        currency=cast.currency,
-                        method="ledger",
-                        idempotency_ref=f"cast:{cast.id}:charge",
-                        created_at=self.clock.now(),
-                    )
-                )
-                if self.billing_enabled:
-                    s.add(
-                        Outbox(
-                            subject="billing.charge",
-                            msg_id=f"cast:{cast.id}:charge",
-                            payload={"cast_id": cast.id, "traceparent": cast.traceparent},
-                            created_at=self.clock.now(),
-                        )
-                    )
-        else:
-            await self._unreserve(s, cast, cost=0, new_state="released")
+        )
+        return None if row is None else Cast(**row)
 
     async def set_run_url(self, cast_id: str, run_url: str) -> None:
         async with self.write() as s:
@@ -910,24 +796,15 @@ class SqlLedger:
     # ------------------------------------------------------------------ outbox
 
     async def unsent_outbox(self, limit: int = 100) -> list[Outbox]:
-        async with self.reader() as s:
-            rows = await s.scalars(
-                select(Outbox).where(Outbox.sent_at.is_(None)).order_by(Outbox.id).limit(limit)
-            )
-            return list(rows.all())
+        rows = await self.fast.run(lambda: hot.unsent_outbox(limit))
+        return [Outbox(id=i, subject=subj, msg_id=mid, payload=p) for i, subj, mid, p in rows]
 
     async def mark_sent(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        async with self.write() as s:
-            await s.execute(
-                update(Outbox)
-                .where(Outbox.id.in_(list(ids)))
-                .values(sent_at=self.clock.now())
-                .execution_options(synchronize_session=False)
-            )
-
-    # ------------------------------------------------------------------ ledger & audit pointer
+        now = self.clock.now()
+        chosen = list(ids)
+        await self.fast.run(lambda: hot.mark_sent(chosen, now))
 
     async def ledger_lines(self, account_id: str) -> list[LedgerLine]:
         async with self.reader() as s:
