@@ -117,6 +117,14 @@ class Settings(BaseSettings):
         description="Host uids for concurrent sandboxes, e.g. 200000-200063 (one per run).",
         pattern=r"^(\d+-\d+)?$",
     )
+    sandbox_warm: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        validation_alias="SPELL_SANDBOX_WARM",
+        description="Single-use sandboxes kept pre-spawned, so runs skip the bubblewrap start-up "
+        "(0: every run starts cold).",
+    )
     run_lease_sec: float = Field(
         default=30.0,
         gt=0,
@@ -168,6 +176,24 @@ class Settings(BaseSettings):
         validation_alias="SPELL_MAX_WEBHOOK_BYTES",
         description="Largest webhook delivery accepted (GitHub sends at most 25 MB).",
     )
+    # --- Stripe billing (off until STRIPE_API_KEY is set: ledger-only mode) -------------------
+    stripe_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="STRIPE_API_KEY",
+        description="Stripe secret key (sk_test_… / sk_live_… or a restricted rk_…); unset: "
+        "ledger-only billing (amounts recorded, nothing charged).",
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias="STRIPE_WEBHOOK_SECRET",
+        description="Signing secret(s) of the /webhooks/stripe endpoint (whsec_…); several, "
+        "comma-separated, during a rotation.",
+    )
+    stripe_api_base: str = Field(
+        default="https://api.stripe.com",
+        validation_alias="STRIPE_API_BASE",
+        description="Stripe API base URL (tests and local mocks override it).",
+    )
     idempotency_ttl: int = Field(
         default=24 * 3600,
         ge=60,
@@ -185,6 +211,16 @@ class Settings(BaseSettings):
             return []
         raw = self.github_webhook_secret.get_secret_value()
         return [part.strip() for part in raw.split(",") if part.strip()]
+
+    def stripe_webhook_secrets(self) -> list[str]:
+        if self.stripe_webhook_secret is None:
+            return []
+        raw = self.stripe_webhook_secret.get_secret_value()
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
 
     def github_key_pem(self) -> str | None:
         if self.github_private_key is not None and self.github_private_key.get_secret_value():

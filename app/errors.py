@@ -27,6 +27,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "INTERNAL": 500,
     "SANDBOX_UNAVAILABLE": 503,
     "UNAVAILABLE": 503,
+    # Billing (Stripe): the account must fix its payment method / a payment was refused.
+    "PAYMENT_REQUIRED": 402,
+    "PAYMENT_FAILED": 402,
     # Terminal codes of a failed run (reported on the cast, not as an HTTP answer):
     "SPELL_FAILED": 422,
     "MEMORY_LIMIT": 422,

@@ -1,13 +1,15 @@
 """Hello end to end: POST :cast -> terminal `succeeded` SSE event, through real bubblewrap.
 
 Usage: .venv/bin/python bench/e2e_hello.py [--quick] [--runs 3] [-n 30]
-                                            [--backends sqlite,postgresql]
+                                            [--backends sqlite,postgresql] [--warm 2]
 
-Per run and backend: a fresh `spell serve` subprocess (SPELL_WORKERS=2, the default; own data
-dir, throw-away PostgreSQL database), the hello spell (templates/spells/hello) packed with
-pack_dir, uploaded with POST /v1/bundles and published with POST /v1/spells (execution.bundle
-set, flat_cents 0). After 3 warm-up casts, n SEQUENTIAL casts, each timed from just before the
-POST to the terminal event read from GET /v1/casts/{id}/events (SSE, opened right after the 202).
+Per run, backend and warm-pool size (`--warm 0,2` compares SPELL_SANDBOX_WARM=0, every run
+starting its sandbox cold, with the default 2): a fresh `spell serve` subprocess
+(SPELL_WORKERS=2, the default; own data dir, throw-away PostgreSQL database), the hello spell
+(templates/spells/hello) packed with pack_dir, uploaded with POST /v1/bundles and published with
+POST /v1/spells (execution.bundle set, flat_cents 0). After 3 warm-up casts, n SEQUENTIAL casts,
+each timed from just before the POST to the terminal event read from
+GET /v1/casts/{id}/events (SSE, opened right after the 202).
 Every cast is then checked (untimed): status succeeded, an artifact URL, and the downloaded zip
 holds hello.txt == "Hello, <name>!\\n".
 
@@ -16,10 +18,10 @@ queued->running = outbox relay + queue + claim; running->succeeded = bundle/run 
 sandbox + zip + artifact + settle; sandbox = the run's duration_ms.
 
 Baseline in the same run (server idle, same machine state): the hello main.py (same argv as the
-worker: /usr/bin/python3 -I -S main.py, same input) spawned n times as a plain asyncio
-subprocess vs through BwrapSandbox.run, interleaved round-robin after warm-up (the method and
-helpers of bench/sandbox_overhead.py). The e2e/bwrap ratio shows what the platform adds on top
-of the sandboxed process itself.
+worker: /usr/bin/python3 -I -S main.py, same input) run n times as a plain asyncio subprocess,
+through a cold BwrapSandbox.run and through a ready warm pool (BwrapSandbox(warm=2).run),
+interleaved round-robin after warm-up (bench/sandbox_overhead.py). The e2e/sandbox ratio shows
+what the platform adds on top of the sandboxed process itself.
 
 Target: hello end to end p95 <= 60 ms.
 """
@@ -31,9 +33,7 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import zipfile
 from datetime import datetime
@@ -43,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
-from sandbox_overhead import time_interleaved
 
 TARGET_P95_MS = 60.0
 WARMUP_CASTS = 3
@@ -130,62 +129,15 @@ async def verify(s: Any, url: str, token: str, rec: dict[str, Any]) -> str | Non
 
 
 async def spawn_baseline(n: int) -> dict[str, dict[str, float]]:
-    """hello main.py: plain asyncio subprocess vs BwrapSandbox.run (interleaved)."""
-    from app.runner.sandbox import BwrapSandbox, SandboxSpec
-    from app.worker.runs import build_argv
+    """hello main.py: plain subprocess vs cold BwrapSandbox.run vs a ready warm pool."""
+    from sandbox_overhead import measure_hello
 
-    work = Path(tempfile.mkdtemp(prefix="spell-bench-spawn-"))
-    work.chmod(0o755)
-    bundle = work / "bundle"
-    bundle.mkdir()
-    bundle.chmod(0o755)
-    shutil.copy(c.HELLO_DIR / "main.py", bundle / "main.py")
-    (bundle / "main.py").chmod(0o644)
-    input_path = work / "input.json"
-    input_path.write_text(json.dumps({"name": "bench"}))
-    input_path.chmod(0o644)
-    out = work / "out"
-    argv = build_argv("main.py")  # what the worker runs: /usr/bin/python3 -I -S main.py
-
-    async def plain() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={"SPELL_INPUT": str(input_path), "SPELL_OUT": str(out), "PATH": "/usr/bin:/bin"},
-            cwd=bundle,
-        )
-        await proc.communicate()
-        assert proc.returncode == 0
-
-    bwrap = BwrapSandbox()
-    await bwrap.probe()
-
-    async def sandboxed() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        spec = SandboxSpec(
-            bundle_dir=bundle,
-            argv=argv,
-            input_path=input_path,
-            out_dir=out,
-            timeout_sec=10,
-            memory_mb=128,
-            max_output_bytes=100 * 1024 * 1024,
-        )
-        result = await bwrap.run(spec)
-        assert result.outcome == "ok", result
-
-    try:
-        samples = await time_interleaved(n, {"plain": plain, "bwrap": sandboxed})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {k: c.summarize(v) for k, v in samples.items()}
+    return await measure_hello(n, modes=("plain", "cold", "warm"))
 
 
-async def one_run(backend: str, n: int) -> dict[str, Any]:
+async def one_run(backend: str, n: int, warm: int) -> dict[str, Any]:
     async with c.platform_env(backend, workers=2) as env:
+        env.extra["SPELL_SANDBOX_WARM"] = str(warm)
         maker, caster = await c.issue_tokens(
             env, [("bench-maker", "maker"), ("bench-caster", "caster")]
         )
@@ -231,24 +183,27 @@ async def main(args: argparse.Namespace) -> int:
     info = c.machine_info()
     raw: list[dict[str, Any]] = []
     t0 = time.monotonic()
+    warms = [int(w) for w in args.warm.split(",")]
     for run in range(args.runs):
         for backend in backends:
-            res = await one_run(backend, n)
-            res.update(run=run, backend=backend)
-            raw.append(res)
-            e, b = res["e2e_ms"], res["spawn_baseline"]
-            print(
-                f"# run {run} {backend:<10} e2e p50 {e['p50']:7.2f} p95 {e['p95']:7.2f} ms | "
-                f"bwrap p50 {b['bwrap']['p50']:6.2f} plain p50 {b['plain']['p50']:6.2f} | "
-                f"problems {len(res['problems'])} | load {res['loadavg']}",
-                file=sys.stderr,
-            )
+            for warm in warms:
+                res = await one_run(backend, n, warm)
+                res.update(run=run, backend=backend, warm=warm)
+                raw.append(res)
+                e, b = res["e2e_ms"], res["spawn_baseline"]
+                print(
+                    f"# run {run} {backend:<10} warm {warm} e2e p50 {e['p50']:7.2f} "
+                    f"p95 {e['p95']:7.2f} ms | cold p50 {b['cold']['p50']:6.2f} "
+                    f"warm p50 {b['warm']['p50']:6.2f} plain p50 {b['plain']['p50']:6.2f} | "
+                    f"problems {len(res['problems'])} | load {res['loadavg']}",
+                    file=sys.stderr,
+                )
 
     rows = []
     summary = []
     failed = False
-    for backend in backends:
-        rs = [r for r in raw if r["backend"] == backend]
+    for backend, warm in [(b, w) for b in backends for w in warms]:
+        rs = [r for r in raw if r["backend"] == backend and r["warm"] == warm]
 
         def med(key: str, stat: str, rs: list[dict[str, Any]] = rs) -> float:
             return c.median([r[key][stat] for r in rs])
@@ -256,14 +211,20 @@ async def main(args: argparse.Namespace) -> int:
         def bmed(mode: str, stat: str, rs: list[dict[str, Any]] = rs) -> float:
             return c.median([r["spawn_baseline"][mode][stat] for r in rs])
 
-        ratio = c.median([r["e2e_ms"]["p95"] / r["spawn_baseline"]["bwrap"]["p95"] for r in rs])
-        overhead = c.median([r["e2e_ms"]["p50"] - r["spawn_baseline"]["bwrap"]["p50"] for r in rs])
+        sandbox_mode = "warm" if warm else "cold"  # what the server's runs went through
+        ratio = c.median(
+            [r["e2e_ms"]["p95"] / r["spawn_baseline"][sandbox_mode]["p95"] for r in rs]
+        )
+        overhead = c.median(
+            [r["e2e_ms"]["p50"] - r["spawn_baseline"][sandbox_mode]["p50"] for r in rs]
+        )
         problems = sum(len(r["problems"]) for r in rs)
         failed |= problems > 0 or not all(r["server_alive"] for r in rs)
         p95 = med("e2e_ms", "p95")
         verdict = "met" if p95 <= TARGET_P95_MS else "NOT met"
         item = {
             "backend": backend,
+            "sandbox_warm": warm,
             "runs": len(rs),
             "n_per_run": n,
             "median_e2e_p50_ms": med("e2e_ms", "p50"),
@@ -275,9 +236,11 @@ async def main(args: argparse.Namespace) -> int:
             "median_sandbox_duration_p50_ms": med("sandbox_ms", "p50"),
             "baseline_plain_spawn_p50_ms": bmed("plain", "p50"),
             "baseline_plain_spawn_p95_ms": bmed("plain", "p95"),
-            "baseline_bwrap_spawn_p50_ms": bmed("bwrap", "p50"),
-            "baseline_bwrap_spawn_p95_ms": bmed("bwrap", "p95"),
-            "e2e_p95_over_bwrap_p95": ratio,
+            "baseline_bwrap_spawn_p50_ms": bmed("cold", "p50"),
+            "baseline_bwrap_spawn_p95_ms": bmed("cold", "p95"),
+            "baseline_warm_sandbox_p50_ms": bmed("warm", "p50"),
+            "baseline_warm_sandbox_p95_ms": bmed("warm", "p95"),
+            "e2e_p95_over_sandbox_p95": ratio,
             "platform_overhead_p50_ms": overhead,
             "problems": problems,
             "target_p95_ms": TARGET_P95_MS,
@@ -287,6 +250,7 @@ async def main(args: argparse.Namespace) -> int:
         rows.append(
             [
                 backend,
+                warm,
                 item["median_e2e_p50_ms"],
                 p95,
                 item["median_accept_p50_ms"],
@@ -295,7 +259,8 @@ async def main(args: argparse.Namespace) -> int:
                 item["median_sandbox_duration_p50_ms"],
                 item["baseline_plain_spawn_p50_ms"],
                 item["baseline_bwrap_spawn_p50_ms"],
-                item["baseline_bwrap_spawn_p95_ms"],
+                item["baseline_warm_sandbox_p50_ms"],
+                item["baseline_warm_sandbox_p95_ms"],
                 f"{ratio:.2f}x",
                 problems,
                 verdict,
@@ -310,6 +275,7 @@ async def main(args: argparse.Namespace) -> int:
         c.table(
             [
                 "backend",
+                "warm",
                 "e2e p50",
                 "e2e p95",
                 "accept p50",
@@ -317,9 +283,10 @@ async def main(args: argparse.Namespace) -> int:
                 "run->done p50",
                 "sandbox p50",
                 "plain spawn p50",
-                "bwrap p50",
-                "bwrap p95",
-                "e2e p95/bwrap p95",
+                "cold sbx p50",
+                "warm sbx p50",
+                "warm sbx p95",
+                "e2e p95/sbx p95",
                 "problems",
                 f"p95<={TARGET_P95_MS:g}ms",
             ],
@@ -354,4 +321,7 @@ if __name__ == "__main__":
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("-n", type=int, default=30, help="sequential measured casts per run")
     p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument(
+        "--warm", default="2", help="SPELL_SANDBOX_WARM values to run, e.g. 0,2 (default 2)"
+    )
     sys.exit(asyncio.run(main(p.parse_args())))

@@ -25,6 +25,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
+from app.cli.billing import COMMANDS as BILLING_COMMANDS
 from app.cli.github import COMMANDS as GITHUB_COMMANDS
 from app.config import ClientSettings, Settings
 from app.errors import AppError
@@ -943,6 +944,8 @@ def cap_show(ctx: click.Context, account: str | None, as_json: bool) -> None:
 
 for _command in GITHUB_COMMANDS:  # spell app / webhooks / github (app/cli/github.py)
     cli.add_command(_command)
+for _billing_command in BILLING_COMMANDS:  # spell billing / refund (app/cli/billing.py)
+    cli.add_command(_billing_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -337,7 +337,8 @@ def zip_output(out_dir: Path, dest_dir: Path) -> tuple[str, int, Path]:
     Deterministic: sorted, relative names, fixed timestamps, modes 0644/0755. Symlinks and
     special files are skipped and never followed (the folder was writable by the spell), and
     folders are walked by file descriptor so a swapped-in symlink cannot redirect the walk.
-    Returns ``("sha256:<hex>", size_bytes, path)``.
+    Returns ``("sha256:<hex>", size_bytes, path)``. Not fsynced: the zip is a staging file that
+    the artifact store copies or uploads (durability is the store's business).
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".output.", suffix=".zip.tmp", dir=dest_dir)
@@ -351,7 +352,6 @@ def zip_output(out_dir: Path, dest_dir: Path) -> tuple[str, int, Path]:
                 finally:
                     os.close(top)
             fh.flush()
-            os.fsync(fh.fileno())
             fh.seek(0)
             hasher = hashlib.sha256()
             while chunk := fh.read(_CHUNK):

@@ -13,15 +13,24 @@ The recipe (measured in ``FACTS.md`` § Sandbox):
   limited tmpfs at ``/tmp`` and ``/dev/shm``; the bundle read-only at ``/spell`` (the cwd), the
   input read-only at ``/tmp/input.json`` and the output folder read-write at ``/tmp/out``. ``/``
   and ``/dev`` are remounted read-only at the end, so nothing else is writable.
-* rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``CORE=0``) are set in the child before exec
-  and inherited by everything inside. Options (env values included) reach bwrap through
-  ``--args FD``, so they never show up in the host's ``/proc/*/cmdline``.
-* ``--json-status-fd`` tells a spell's own failure (bwrap reports ``exit-code``) apart from a
-  sandbox that never started (no ``exit-code``): the latter raises :class:`SandboxUnavailable`.
+* rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``CORE=0``) are set by ``prlimit``, the first
+  program of the command (it execs setpriv, which execs bwrap), and inherited by everything
+  inside. No ``preexec_fn``: the spawn is a vfork + exec that does not hold up the event loop.
+  Options (env values included) reach bwrap through ``--args FD``, so they never show up in the
+  host's ``/proc/*/cmdline``.
+* ``--json-status-fd`` tells a spell's own failure (bwrap reports ``exit-code``, or could not
+  exec the spell's program) apart from a sandbox that never started: the latter raises
+  :class:`SandboxUnavailable`.
+* A sandbox is killed from the inside out (:func:`app.runner.pool.kill_sandbox`: its PID
+  namespace's init, so the kernel kills everything in it). The namespace init that bwrap's
+  monitor leaves unreaped when it exits is adopted and reaped by this process
+  (:func:`app.runner.pool.become_reaper`), so no zombie of the sandbox uid piles up.
+* Warm pool (``warm`` > 0, :mod:`app.runner.pool`): the same sandboxes, spawned before a run
+  needs one, built from the same :meth:`BwrapSandbox._options`; see :class:`BwrapSandbox`.
 
 Outcome classification (first match wins):
 
-``timeout``           the wall clock passed ``timeout_sec``; the process group was killed.
+``timeout``           the wall clock passed ``timeout_sec``; the sandbox was killed.
 ``output_too_large``  the watchdog saw ``out_dir`` grow past ``max_output_bytes`` (or past
                       :data:`MAX_OUTPUT_ENTRIES` entries) and killed it, or the total after exit
                       is over the cap; or a non-zero exit after ``RLIMIT_FSIZE`` hit: ``SIGXFSZ``
@@ -49,7 +58,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import stat
@@ -61,7 +69,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from app.runner.pool import (
+    WARM_MAX_CPU_SEC,
+    UidBroker,
+    WarmPool,
+    WarmProfile,
+    WarmSandbox,
+    become_reaper,
+    copy_output,
+    fill_slot,
+    kill_sandbox,
+    launcher_source,
+    move_output,
+    reap_adopted,
+    remove_stale_slots,
+)
+
 __all__ = [
+    "SANDBOX_PYTHON",
     "BwrapSandbox",
     "LineCallback",
     "Outcome",
@@ -72,6 +97,7 @@ __all__ = [
     "UnsafeSubprocessSandbox",
     "detect_sandbox",
     "seccomp_program",
+    "warm_profile_of",
 ]
 
 log = logging.getLogger("spell.sandbox")
@@ -82,6 +108,8 @@ SANDBOX_TMP = "/tmp"  # noqa: S108
 SANDBOX_SHM = "/dev/shm"  # noqa: S108
 INPUT_PATH = f"{SANDBOX_TMP}/input.json"
 OUT_DIR = f"{SANDBOX_TMP}/out"
+#: The interpreter of Python spells (``build_argv``) and of the warm sandboxes' launcher.
+SANDBOX_PYTHON = "/usr/bin/python3"
 
 #: Bytes of stdout/stderr kept for the result, per stream.
 TAIL_BYTES = 4096
@@ -108,6 +136,23 @@ _RESERVED_ENV = frozenset({"HOME", "PATH", "LANG", "SPELL_INPUT", "SPELL_OUT"})
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
 _SIGXFSZ_EXIT = 128 + signal.SIGXFSZ
 _SIGKILL_EXIT = 128 + signal.SIGKILL
+#: The warm sandbox's command line stays short: it reads the launcher's source (12 digits of
+#: length, then the source) from stdin, where the job comes later.
+LAUNCHER_BOOTSTRAP = (
+    "import os\n"
+    "n = int(os.read(0, 12))\n"
+    "b = b''\n"
+    "while len(b) < n:\n"
+    "    c = os.read(0, n - len(b))\n"
+    "    if not c:\n"
+    "        raise SystemExit(70)\n"
+    "    b += c\n"
+    "exec(compile(b, '<spell-launcher>', 'exec'))\n"
+)
+#: Environment names a Python spell may be given and still run in a warm launcher's
+#: interpreter: none of them is read by the interpreter or libc at start-up (``LC_*``, ``TZ``,
+#: ``LD_*``, ``MALLOC_*``... are, so a spell given those is exec'ed afresh).
+_IN_PROCESS_ENV = re.compile(r"SPELL_[A-Z0-9_]*|TRACEPARENT|TRACESTATE")
 
 Outcome = Literal["ok", "exit_error", "timeout", "memory", "output_too_large", "cpu", "killed"]
 LineCallback = Callable[[str, str], Awaitable[None]]
@@ -204,15 +249,34 @@ class _Limits:
             procs=spec.max_procs,
         )
 
-    def apply(self) -> None:
-        """Runs in the forked child before exec (``preexec_fn``): only syscalls, no locks."""
-        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
-        # Soft < hard: SIGXCPU at the soft limit (exit 152), SIGKILL a second later if ignored.
-        resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_sec, self.cpu_sec + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
-        # Counted per host uid (all concurrent sandboxes share it) and ignored for root.
-        resource.setrlimit(resource.RLIMIT_NPROC, (self.procs, self.procs))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def prlimit_argv(self, prlimit: str) -> list[str]:
+        """``prlimit`` as the first program of the command: it sets the limits and execs the
+        rest. No ``preexec_fn``, so the spawn is a vfork + exec that does not hold up the event
+        loop (a fork of the whole server process with ``preexec_fn`` took 10-15 ms).
+
+        Soft < hard CPU: SIGXCPU at the soft limit (exit 152), SIGKILL a second later if
+        ignored. ``RLIMIT_NPROC`` is counted per host uid (all concurrent sandboxes share it)
+        and ignored for root.
+        """
+        return [
+            prlimit,
+            f"--as={self.address_space}",
+            f"--cpu={self.cpu_sec}:{self.cpu_sec + 1}",
+            f"--fsize={self.file_size}",
+            f"--nproc={self.procs}",
+            "--core=0",
+            "--",
+        ]
+
+    def for_launcher(self) -> dict[str, list[int]]:
+        """The same limits for the warm launcher's ``setrlimit`` calls (soft, hard)."""
+        return {
+            "as": [self.address_space, self.address_space],
+            "cpu": [self.cpu_sec, self.cpu_sec + 1],
+            "fsize": [self.file_size, self.file_size],
+            "nproc": [self.procs, self.procs],
+            "core": [0, 0],
+        }
 
 
 class _LineBudget:
@@ -364,6 +428,28 @@ class _RawRun:
     stderr_tail: str
 
 
+async def _spawn(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path | None,
+    pass_fds: Sequence[int],
+    stdin: int = asyncio.subprocess.DEVNULL,
+) -> asyncio.subprocess.Process:
+    """Start ``cmd`` in a new session (its pid is its process group), pipes for its output."""
+    return await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        pass_fds=tuple(pass_fds),
+        close_fds=True,
+    )
+
+
 async def _supervise(
     cmd: Sequence[str],
     *,
@@ -375,25 +461,33 @@ async def _supervise(
     on_line: LineCallback | None,
     reap_group_after_exit: bool,
 ) -> _RawRun:
-    """Spawn ``cmd`` in a new session with the spec's rlimits and watch it until it is gone."""
-    limits = _Limits.of(spec)
+    """Spawn ``cmd`` (already wrapped in ``prlimit``) and watch it until it is gone."""
+    started = time.monotonic()
+    proc = await _spawn(cmd, env=env, cwd=cwd, pass_fds=pass_fds)
+    return await _watch(
+        proc,
+        spec=spec,
+        out_dir=out_dir,
+        started=started,
+        on_line=on_line,
+        reap_group_after_exit=reap_group_after_exit,
+    )
+
+
+async def _watch(
+    proc: asyncio.subprocess.Process,
+    *,
+    spec: SandboxSpec,
+    out_dir: Path,
+    started: float,
+    on_line: LineCallback | None,
+    reap_group_after_exit: bool,
+) -> _RawRun:
+    """Stream the output, enforce the wall clock and the output cap, reap; kill on cancel."""
     budget = _LineBudget(MAX_STREAMED_LINES)
     collectors = (
         _StreamCollector("stdout", on_line, budget),
         _StreamCollector("stderr", on_line, budget),
-    )
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(env),
-        cwd=cwd,
-        start_new_session=True,
-        preexec_fn=limits.apply,  # only setrlimit calls, see _Limits.apply
-        pass_fds=tuple(pass_fds),
-        close_fds=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
     readers = [
@@ -403,13 +497,21 @@ async def _supervise(
     waiter = asyncio.ensure_future(proc.wait())
     watchdog = asyncio.ensure_future(_watch_output(out_dir, spec.max_output_bytes))
     killed_for: Outcome | None = None
+
+    def kill() -> None:
+        if reap_group_after_exit:  # no namespaces: the process group is the run
+            _killpg(proc.pid)
+        else:
+            kill_sandbox(proc)
+
     try:
+        remaining = spec.timeout_sec - (time.monotonic() - started)
         done, _ = await asyncio.wait(
-            {waiter, watchdog}, timeout=spec.timeout_sec, return_when=asyncio.FIRST_COMPLETED
+            {waiter, watchdog}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
         )
         if waiter not in done:
             killed_for = "output_too_large" if watchdog in done else "timeout"
-            _killpg(proc.pid)
+            kill()
         returncode = await waiter
         duration_ms = int((time.monotonic() - started) * 1000)
         if reap_group_after_exit:
@@ -422,9 +524,10 @@ async def _supervise(
     finally:
         watchdog.cancel()
         if proc.returncode is None:  # cancelled from outside: never leave a sandbox behind
-            _killpg(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            kill()
+            if reap_group_after_exit:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
             await asyncio.shield(waiter)
         for reader in readers:
             reader.cancel()
@@ -599,37 +702,68 @@ class BwrapSandbox:
     """bubblewrap + rlimits, launched as an unprivileged uid (see the module docstring).
 
     ``RLIMIT_NPROC`` counts every process of the host uid, across all sandboxes running as it
-    (about 3 per idle sandbox: bwrap, its init, the spell) and any other process of that uid:
-    with one shared uid, ``max_procs`` caps the whole host, not one run. Pass ``uid_pool``
-    (uids used by nothing else, e.g. ``range(200000, 200064)``; they need no passwd entry)
-    to give each concurrent run its own uid; runs then wait for a free uid. Without a pool,
-    every run uses ``uid``. When the runner is not root, the uid cannot change and both are
-    ignored.
+    (about 3 per sandbox, idle warm ones included: bwrap, its init, the spell) and any other
+    process of that uid: with one shared uid, ``max_procs`` caps the whole host, not one run.
+    Pass ``uid_pool`` (uids used by nothing else, e.g. ``range(200000, 200064)``; they need no
+    passwd entry) to give each concurrent sandbox its own uid; runs then wait for a free uid.
+    Without a pool, every run uses ``uid``. When the runner is not root, the uid cannot change
+    and both are ignored.
+
+    ``warm`` > 0 keeps that many single-use sandboxes pre-spawned (:mod:`app.runner.pool`), so
+    a run skips the bwrap and interpreter start-up: same options, same uid drop, same seccomp
+    filter and rlimits as a cold run (see :meth:`_spawn_warm`). The pool starts filling once
+    :meth:`probe` passes, in that event loop; :meth:`aclose` kills it. Slot folders go to
+    ``warm_dir`` (default: a private folder under the system temp dir); a run uses a warm
+    sandbox only when its ``out_dir`` can be renamed from there (same file system), else cold.
     """
 
     name = "bwrap"
 
     def __init__(
-        self, *, uid: int = 65534, bwrap: str | None = None, uid_pool: Sequence[int] = ()
+        self,
+        *,
+        uid: int = 65534,
+        bwrap: str | None = None,
+        uid_pool: Sequence[int] = (),
+        warm: int = 0,
+        warm_dir: Path | None = None,
+        warm_profile: WarmProfile | None = None,
     ) -> None:
         if uid == 0 or 0 in uid_pool:
             raise ValueError("the sandbox uid must not be 0")
+        if warm < 0:
+            raise ValueError("warm must be >= 0")
         self._uid = uid
-        self._uid_pool = list(dict.fromkeys(uid_pool))
-        self._free_uids: asyncio.Queue[int] | None = None
+        self._uids = UidBroker(uid, uid_pool)
         self._bwrap = bwrap
+        self._prlimit: str | None = None
         self._probed = False
         self._warned_seccomp = False
         self._probe_lock = asyncio.Lock()
+        self._warm = warm
+        self._warm_dir = warm_dir
+        self._warm_dir_owned = False
+        self._warm_dev: int | None = None
+        self._warm_profile = warm_profile or WarmProfile()
+        self._pool: WarmPool | None = None
+        self._warned_loop = False
+
+    @property
+    def pool(self) -> WarmPool | None:
+        """The warm pool, once started (None when ``warm`` is 0 or it could not start)."""
+        return self._pool
 
     async def probe(self) -> None:
-        """Run ``/usr/bin/true`` through the full recipe once; cache success."""
+        """Run ``/usr/bin/true`` through the full recipe once; cache success; start the pool."""
         if self._probed:
             return
         async with self._probe_lock:
             if self._probed:
                 return
             self._launcher(self._uid)  # raises SandboxUnavailable if bwrap/setpriv are missing
+            self._prlimit_path()
+            if not become_reaper():
+                log.info("cannot adopt orphans: bwrap's exited namespace inits go to init")
             work = _make_probe_workspace()
             try:
                 spec = SandboxSpec(
@@ -654,9 +788,18 @@ class BwrapSandbox:
                 shutil.rmtree(work, ignore_errors=True)
             self._probed = True
             log.info("sandbox probe passed (bwrap, uid %s)", self._uid)
+            self._start_pool()
+
+    async def aclose(self) -> None:
+        """Kill the warm pool's sandboxes and remove their folders (cold runs need nothing)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
+        if self._warm_dir_owned and self._warm_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._warm_dir, True)
 
     async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
-        """Run ``spec`` in the sandbox.
+        """Run ``spec`` in the sandbox: a warm one when the pool has one for it, else cold.
 
         When the runner is root, ``spec.out_dir`` is created and chowned to the sandbox uid,
         and the sandbox uid must be able to reach ``bundle_dir`` (r-x), ``input_path`` (r--) and
@@ -664,17 +807,173 @@ class BwrapSandbox:
         Raises :class:`SandboxUnavailable` when the probe fails or bwrap could not set up.
         """
         await self.probe()
-        if not self._uid_pool:
-            return await self._run(spec, on_line, self._uid)
-        if self._free_uids is None:
-            self._free_uids = asyncio.Queue()
-            for uid in self._uid_pool:
-                self._free_uids.put_nowait(uid)
-        uid = await self._free_uids.get()
+        pool = self._pool_for(spec)
+        profile = warm_profile_of(spec)
+        first = True
+        while True:
+            if pool is not None:
+                warm = pool.take(profile, record=first)
+                first = False
+                if warm is not None:
+                    result = await self._run_warm(warm, spec, on_line)
+                    if result is not None:
+                        return result
+                    continue  # it died before the job reached it: another one, or cold
+            uid = self._uids.try_take()
+            if uid is not None:
+                break
+            await self._uids.changed()  # a uid came back or a warm sandbox got ready
         try:
             return await self._run(spec, on_line, uid)
         finally:
-            self._free_uids.put_nowait(uid)  # every process of the run is gone by now
+            self._uids.release(uid)  # every process of the run is gone by now
+
+    # -- the warm pool ------------------------------------------------------------------------
+
+    def _start_pool(self) -> None:
+        if self._warm <= 0 or self._pool is not None:
+            return
+        try:
+            warm_dir = self._prepare_warm_dir()
+        except (OSError, ValueError) as exc:
+            log.error("warm sandbox pool disabled, every run starts cold: %s", exc)
+            return
+        self._pool = WarmPool(
+            size=self._warm,
+            warm_dir=warm_dir,
+            spawner=self._spawn_warm,
+            uids=self._uids,
+            initial=self._warm_profile,
+        )
+        self._pool.start()
+        log.info("warm sandbox pool started: %d sandboxes, folders in %s", self._warm, warm_dir)
+
+    def _prepare_warm_dir(self) -> Path:
+        if self._warm_dir is None:
+            tmp = Path(tempfile.gettempdir())
+            remove_stale_slots(tmp, prefix="spell-warm-")  # of crashed processes
+            self._warm_dir = tmp / f"spell-warm-{os.getpid()}"
+            self._warm_dir_owned = True
+        warm_dir = self._warm_dir
+        warm_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        warm_dir = warm_dir.resolve(strict=True)
+        st = warm_dir.stat()
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ValueError(f"{warm_dir} must be ours and not writable by group or others")
+        if _running_as_root():
+            warm_dir.chmod(0o711)
+            _require_access(warm_dir, self._uid, self._uid, 1, "warm_dir")
+        self._warm_dev = st.st_dev
+        return warm_dir
+
+    def _pool_for(self, spec: SandboxSpec) -> WarmPool | None:
+        """The pool, if this run may use it (else the run starts cold)."""
+        pool = self._pool
+        if pool is None:
+            return None
+        if pool.loop is not asyncio.get_running_loop():
+            if not self._warned_loop:
+                log.warning("warm sandbox pool belongs to another event loop; runs start cold")
+                self._warned_loop = True
+            return None
+        if spec.effective_cpu_sec + 1 > WARM_MAX_CPU_SEC:
+            return None
+        try:  # the output folder must be renamable from the slot: same file system, empty
+            out = spec.out_dir
+            if out.is_symlink() or out.parent.resolve(strict=True).stat().st_dev != self._warm_dev:
+                return None
+            if out.exists():
+                with os.scandir(out) as it:
+                    if next(it, None) is not None:
+                        return None
+        except OSError:
+            return None
+        return pool
+
+    async def _spawn_warm(
+        self, profile: WarmProfile, slot: Path, uid: int
+    ) -> asyncio.subprocess.Process:
+        """A sandbox built exactly like a cold one (same :meth:`_options`, setpriv, seccomp,
+        prlimit), binding the slot's folders, running the launcher. The limits are the
+        profile's, with the CPU limit at :data:`WARM_MAX_CPU_SEC` until the job lowers it."""
+        limits = _Limits(
+            address_space=profile.memory_mb * _MIB,
+            cpu_sec=WARM_MAX_CPU_SEC - 1,
+            file_size=profile.max_output_bytes,
+            procs=profile.max_procs,
+        )
+        cmd_prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
+        fds: list[int] = []
+        try:
+            seccomp_fd = self._seccomp_fd()
+            if seccomp_fd is not None:
+                fds.append(seccomp_fd)
+            args_fd = _memfd("bwrap-args", b"")
+            fds.append(args_fd)
+            options = self._options(
+                tmpfs_size=profile.memory_mb * _MIB,
+                bundle_dir=slot / "bundle",
+                input_path=slot / "input.json",
+                out_dir=slot / "out",
+                env=_sandbox_env({}),
+                status_fd=None,
+                seccomp_fd=seccomp_fd,
+            )
+            _write_args(args_fd, options)
+            cmd = [
+                *cmd_prefix,
+                "--args", str(args_fd),
+                "--", SANDBOX_PYTHON, "-I", "-S", "-c", LAUNCHER_BOOTSTRAP,
+            ]  # fmt: skip
+            proc = await _spawn(
+                cmd,
+                env={"PATH": "/usr/bin:/bin"},
+                cwd=None,
+                pass_fds=fds,
+                stdin=asyncio.subprocess.PIPE,
+            )
+        finally:
+            for fd in fds:  # the child has its own copies
+                os.close(fd)
+        assert proc.stdin is not None
+        source = launcher_source().encode()
+        proc.stdin.write(b"%012d" % len(source) + source)  # a dead one fails to get ready
+        return proc
+
+    async def _run_warm(
+        self, warm: WarmSandbox, spec: SandboxSpec, on_line: LineCallback | None
+    ) -> SandboxResult | None:
+        """Fill ``warm``'s slot, hand it the job, watch it like a cold run; None if it was
+        already dead (the job never reached it)."""
+        root = _running_as_root()
+        try:
+            bundle_dir, input_path, out_dir = _prepare_paths(spec, warm.uid if root else None)
+            await asyncio.to_thread(fill_slot, warm.slot, bundle_dir, input_path, root=root)
+            started = time.monotonic()
+            if not await warm.send_job(_warm_job(spec)):
+                log.warning("a warm sandbox was dead before it took its job; trying again")
+                if self._pool is not None:
+                    self._pool.stats["dead_on_dispatch"] += 1
+                return None
+            raw = await _watch(
+                warm.proc,
+                spec=spec,
+                out_dir=warm.out_dir,
+                started=started,
+                on_line=on_line,
+                reap_group_after_exit=False,
+            )
+            try:
+                move_output(warm.out_dir, out_dir)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                await asyncio.to_thread(copy_output, warm.out_dir, out_dir)
+        finally:
+            warm.discard()
+        return _classify(raw, spec)
+
+    # -- the cold path --------------------------------------------------------------------
 
     def _launcher(self, uid: int) -> list[str]:
         if self._bwrap is None:
@@ -690,15 +989,28 @@ class BwrapSandbox:
         )
         return [*_setpriv_prefix(setpriv, uid), self._bwrap]
 
+    def _prlimit_path(self) -> str:
+        if self._prlimit is None:
+            self._prlimit = _which_or_unavailable(
+                "prlimit", "needed to set the sandbox rlimits (apt-get install util-linux)"
+            )
+        return self._prlimit
+
     def _options(
         self,
-        spec: SandboxSpec,
-        paths: tuple[Path, Path, Path],
-        status_fd: int,
+        *,
+        tmpfs_size: int,
+        bundle_dir: Path,
+        input_path: Path,
+        out_dir: Path,
+        env: Mapping[str, str],
+        status_fd: int | None,
         seccomp_fd: int | None,
     ) -> list[str]:
-        bundle_dir, input_path, out_dir = paths
-        tmpfs_size = str(spec.memory_mb * _MIB)  # tmpfs is RAM: bound it by the memory budget
+        """bwrap's options: the one definition of the isolation, for cold and warm sandboxes.
+
+        ``tmpfs_size``: tmpfs is RAM, so it is bounded by the run's memory budget.
+        """
         opts = [
             "--unshare-all",
             "--unshare-user",
@@ -719,26 +1031,19 @@ class BwrapSandbox:
         opts += [
             "--proc", "/proc",
             "--dev", "/dev",
-            "--size", tmpfs_size, "--tmpfs", SANDBOX_SHM,
+            "--size", str(tmpfs_size), "--tmpfs", SANDBOX_SHM,
             "--remount-ro", "/dev",
-            "--size", tmpfs_size, "--tmpfs", SANDBOX_TMP,
+            "--size", str(tmpfs_size), "--tmpfs", SANDBOX_TMP,
             "--ro-bind", str(bundle_dir), SPELL_DIR,
             "--ro-bind", str(input_path), INPUT_PATH,
             "--bind", str(out_dir), OUT_DIR,
             "--remount-ro", "/",
             "--chdir", SPELL_DIR,
-            "--json-status-fd", str(status_fd),
         ]  # fmt: skip
+        if status_fd is not None:
+            opts += ["--json-status-fd", str(status_fd)]
         if seccomp_fd is not None:
             opts += ["--seccomp", str(seccomp_fd)]
-        env = {
-            "HOME": SANDBOX_TMP,
-            "PATH": "/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-            **spec.env,
-            "SPELL_INPUT": INPUT_PATH,
-            "SPELL_OUT": OUT_DIR,
-        }
         for name, value in env.items():
             opts += ["--setenv", name, value]
         return opts
@@ -746,7 +1051,8 @@ class BwrapSandbox:
     async def _run(
         self, spec: SandboxSpec, on_line: LineCallback | None, uid: int
     ) -> SandboxResult:
-        launcher = self._launcher(uid)
+        limits = _Limits.of(spec)
+        prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
         paths = _prepare_paths(spec, uid if _running_as_root() else None)
         status_read, status_write = os.pipe()
         fds = [status_read, status_write]
@@ -756,10 +1062,17 @@ class BwrapSandbox:
                 fds.append(seccomp_fd)
             args_fd = _memfd("bwrap-args", b"")
             fds.append(args_fd)
-            options = self._options(spec, paths, status_write, seccomp_fd)
-            os.write(args_fd, b"".join(os.fsencode(opt) + b"\0" for opt in options))
-            os.lseek(args_fd, 0, os.SEEK_SET)
-            cmd = [*launcher, "--args", str(args_fd), "--", *spec.argv]
+            options = self._options(
+                tmpfs_size=spec.memory_mb * _MIB,
+                bundle_dir=paths[0],
+                input_path=paths[1],
+                out_dir=paths[2],
+                env=_sandbox_env(spec.env),
+                status_fd=status_write,
+                seccomp_fd=seccomp_fd,
+            )
+            _write_args(args_fd, options)
+            cmd = [*prefix, "--args", str(args_fd), "--", *spec.argv]
             raw = await _supervise(
                 cmd,
                 spec=spec,
@@ -776,7 +1089,15 @@ class BwrapSandbox:
         finally:
             for fd in fds:
                 os.close(fd)
-        if raw.killed_for is None and raw.returncode > 0 and "exit-code" not in statuses:
+        init_pid = statuses.get("child-pid")
+        if isinstance(init_pid, int):
+            reap_adopted(init_pid)
+        if (
+            raw.killed_for is None
+            and raw.returncode > 0
+            and "exit-code" not in statuses
+            and not _exec_failed(raw.stderr_tail, spec.argv[0])
+        ):
             # bwrap itself failed before the spell ran (namespaces forbidden, bad bind, ...).
             raise SandboxUnavailable(
                 f"bwrap failed to set up the sandbox (exit {raw.returncode}): "
@@ -794,6 +1115,65 @@ class BwrapSandbox:
                 self._warned_seccomp = True
             return None
         return _memfd("bwrap-seccomp", program)
+
+
+def _exec_failed(stderr_tail: str, argv0: str) -> bool:
+    """Whether bwrap set the sandbox up but could not exec the spell's program (a missing or
+    non-executable entrypoint: the spell's failure, not the sandbox's; bwrap reports no
+    ``exit-code`` then). The warm launcher prints the same line in that case."""
+    lines = stderr_tail.strip().splitlines()
+    return bool(lines) and lines[-1].startswith(f"bwrap: execvp {argv0}: ")
+
+
+def warm_profile_of(spec: SandboxSpec) -> WarmProfile:
+    """The warm sandboxes ``spec`` can run in."""
+    return WarmProfile(spec.memory_mb, spec.max_output_bytes, spec.max_procs)
+
+
+def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The spell's whole environment (bwrap starts from ``--clearenv``)."""
+    return {
+        "HOME": SANDBOX_TMP,
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        **extra,
+        "SPELL_INPUT": INPUT_PATH,
+        "SPELL_OUT": OUT_DIR,
+    }
+
+
+def _write_args(fd: int, options: Sequence[str]) -> None:
+    os.write(fd, b"".join(os.fsencode(opt) + b"\0" for opt in options))
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _warm_job(spec: SandboxSpec) -> dict[str, object]:
+    """The launcher's job for ``spec`` (see :mod:`app.runner.launcher`).
+
+    A Python spell runs inside the launcher's already started interpreter (``path``/``code``)
+    only when the interpreter would have started the same way: our interpreter and flags, and
+    no environment variable that the interpreter or libc reads at start-up (only names matching
+    :data:`_IN_PROCESS_ENV` besides the fixed ones). Everything else is exec'ed (``exec``).
+    """
+    argv = list(spec.argv)
+    kind = "exec"
+    if (
+        len(argv) >= 4
+        and argv[0] == SANDBOX_PYTHON
+        and argv[1:3] == ["-I", "-S"]
+        and all(_IN_PROCESS_ENV.fullmatch(name) for name in spec.env)
+    ):
+        if argv[3] == "-c":
+            kind = "code" if len(argv) >= 5 else "exec"
+        elif not argv[3].startswith("-"):
+            kind = "path"
+    return {
+        "kind": kind,
+        "argv": argv,
+        "env": _sandbox_env(spec.env),
+        "rlimits": _Limits.of(spec).for_launcher(),
+        "cwd": SPELL_DIR,
+    }
 
 
 def _memfd(name: str, content: bytes) -> int:
@@ -866,6 +1246,7 @@ class UnsafeSubprocessSandbox:
     async def probe(self) -> None:
         if _running_as_root():
             _which_or_unavailable("setpriv", "needed to drop root (apt-get install util-linux)")
+        _which_or_unavailable("prlimit", "needed to set the rlimits (apt-get install util-linux)")
         log.warning("UNSAFE: spells run WITHOUT a sandbox (SPELL_UNSAFE_NO_SANDBOX=1)")
 
     async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
@@ -881,6 +1262,8 @@ class UnsafeSubprocessSandbox:
         if root:
             setpriv = _which_or_unavailable("setpriv", "needed to drop root")
             argv = [*_setpriv_prefix(setpriv, self._uid), *argv]
+        prlimit = _which_or_unavailable("prlimit", "needed to set the rlimits")
+        argv = [*_Limits.of(spec).prlimit_argv(prlimit), *argv]
         home = Path(tempfile.mkdtemp(prefix="spell-unsafe-home-"))
         try:
             if uid is not None:
@@ -918,18 +1301,31 @@ def _rewrite_spell_path(arg: str, bundle_dir: Path) -> str:
 
 
 def detect_sandbox(
-    *, uid: int = 65534, allow_unsafe: bool = False, uid_pool: Sequence[int] = ()
+    *,
+    uid: int = 65534,
+    allow_unsafe: bool = False,
+    uid_pool: Sequence[int] = (),
+    warm: int = 0,
+    warm_dir: Path | None = None,
+    warm_profile: WarmProfile | None = None,
 ) -> Sandbox:
     """The bubblewrap sandbox when ``bwrap`` is on PATH; the unsafe fallback only if allowed.
 
-    ``uid_pool`` is passed to :class:`BwrapSandbox` (see there why it matters under load).
+    ``uid_pool`` and the ``warm*`` pool options are passed to :class:`BwrapSandbox` (see there).
 
     Does not probe: call ``await sandbox.probe()`` at start-up and refuse service runs on
     :class:`SandboxUnavailable` (fail closed).
     """
     bwrap = shutil.which("bwrap")
     if bwrap is not None:
-        return BwrapSandbox(uid=uid, bwrap=bwrap, uid_pool=uid_pool)
+        return BwrapSandbox(
+            uid=uid,
+            bwrap=bwrap,
+            uid_pool=uid_pool,
+            warm=warm,
+            warm_dir=warm_dir,
+            warm_profile=warm_profile,
+        )
     if allow_unsafe:
         log.warning("bwrap not found; SPELL_UNSAFE_NO_SANDBOX=1 so spells run WITHOUT a sandbox")
         return UnsafeSubprocessSandbox(uid=uid)

@@ -121,8 +121,12 @@ class Platform:
         #: workflow mode: the App installation that granted a repository (None: not reachable);
         #: unset when the GitHub App is not configured
         self.repo_access = repo_access
+        #: Stripe billing: raises 402 when the account cannot pay for a paid cast (past due,
+        #: no payment method); unset in ledger-only mode
+        self.payment_gate: Callable[[str], Awaitable[None]] | None = None
         self._parsed: dict[tuple[str, str, str], ParsedSpell] = {}
         self._spells: dict[tuple[str, str | None], tuple[float, tuple[Spell, SpellVersion]]] = {}
+        self._versions: dict[tuple[str, str], SpellVersion] = {}
 
     def parsed(self, version: SpellVersion) -> ParsedSpell:
         """The validated document of a stored version (immutable once published: cached)."""
@@ -243,6 +247,21 @@ class Platform:
                 self._spells.clear()
             self._spells[key] = (now + SPELL_CACHE_TTL, found)
         return found
+
+    async def spell_version(self, spell_id: str, version: str) -> SpellVersion | None:
+        """An exact published version (immutable, so cached for the process's life): the
+        worker reads the document of every run it executes."""
+        key = (spell_id, version)
+        hit = self._versions.get(key)
+        if hit is not None:
+            return hit
+        found = await self.ledger.get_spell(spell_id, version)
+        if found is None:
+            return None
+        if len(self._versions) >= 4096:
+            self._versions.clear()
+        self._versions[key] = found[1]
+        return found[1]
 
     async def find_spell(
         self, spell_id: str, caller: Caller | None, version: str | None = None
@@ -374,6 +393,9 @@ class Platform:
                 reason = self.sandbox_ready()
                 if reason is not None:
                     raise AppError("SANDBOX_UNAVAILABLE", f"service runs are disabled: {reason}")
+            estimate = estimate_cents(doc.pricing)
+            if estimate > 0 and self.payment_gate is not None:
+                await self.payment_gate(caller.account_id)
         except AppError:
             # A retry of an accepted cast is answered as it was then, even if the spell, the
             # sandbox or the caps have changed since (checked only here, off the happy path:
@@ -383,7 +405,6 @@ class Platform:
                 return stored[0], self._absolute(stored[1], base_url), True
             raise
 
-        estimate = estimate_cents(doc.pricing)
         ihash = input_hash(req.input)
         now = self.clock.now()
         period = month_period(now)

@@ -341,3 +341,118 @@ class CastTarget(Base):
     workflow_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     run_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     dispatched_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+# ------------------------------------------------------------------ billing (Stripe, issue #4)
+
+
+class BillingCustomer(Base):
+    """An account's Stripe customer, its saved payment method and whether it owes money."""
+
+    __tablename__ = "billing_customers"
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    payment_method_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payment_method_status: Mapped[str] = mapped_column(String(16), default="none")  # none|active
+    past_due: Mapped[bool] = mapped_column(default=False)
+    past_due_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    past_due_since: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+    subscription_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    subscription_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    plan: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class BillingCharge(Base):
+    """One collection from Stripe (a PaymentIntent, or an invoice item at period end) covering
+    one or more pending lines. ``id`` is the idempotency key of its first attempt."""
+
+    __tablename__ = "billing_charges"
+    __table_args__ = (Index("ix_billing_charges_account_status", "account_id", "status"),)
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    kind: Mapped[str] = mapped_column(String(16))  # payment_intent | invoice_item
+    currency: Mapped[str] = mapped_column(String(3))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(24))  # pending|succeeded|failed|invoiced|error
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    stripe_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    failure_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    refunded_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_event_created: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class BillingPending(Base):
+    """A settled cast's amount waiting to be collected (the minimum-charge rule batches them)."""
+
+    __tablename__ = "billing_pending"
+    __table_args__ = (
+        Index("ix_billing_pending_open", "account_id", "currency", "charge_id"),
+        CheckConstraint("amount_cents >= 0", name="amount_nonneg"),
+    )
+    cast_id: Mapped[str] = mapped_column(
+        ForeignKey("casts.id", ondelete="RESTRICT"), primary_key=True
+    )
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    period: Mapped[str] = mapped_column(String(7))
+    charge_id: Mapped[str | None] = mapped_column(
+        ForeignKey("billing_charges.id", ondelete="RESTRICT"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class StripeEvent(Base):
+    """Every Stripe event handled (deduplicated by its id), with the object it was about and
+    its ``created`` time: the out-of-order guard compares against it."""
+
+    __tablename__ = "stripe_events"
+    __table_args__ = (Index("ix_stripe_events_object", "object_id", "created"),)
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    type: Mapped[str] = mapped_column(String(80))
+    object_id: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    created: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # applied | stale | ignored
+    processed_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class Entitlement(Base):
+    """A one-time purchase (clone spells): created on ``checkout.session.completed``."""
+
+    __tablename__ = "entitlements"
+    __table_args__ = (Index("ix_entitlements_account_spell", "account_id", "spell_id"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    spell_id: Mapped[str] = mapped_column(String(128))
+    checkout_session_id: Mapped[str] = mapped_column(String(255), unique=True)
+    payment_intent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))  # active | revoked
+    license_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class BillingRefund(Base):
+    """A refund or credit of (part of) a cast's charge; ``id`` is its idempotency key."""
+
+    __tablename__ = "billing_refunds"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    cast_id: Mapped[str] = mapped_column(ForeignKey("casts.id", ondelete="RESTRICT"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    charge_id: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    method: Mapped[str] = mapped_column(String(24))  # stripe_refund|pending_credit|balance_credit
+    reason: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # pending | succeeded | failed
+    stripe_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    updated_at: Mapped[datetime] = mapped_column(TZ)

@@ -18,17 +18,22 @@ from aiohttp import web
 from app.artifacts.github import GitHubArtifactStore
 from app.artifacts.local import LocalArtifactStore
 from app.artifacts.routing import RoutingArtifactStore
+from app.billing.routes import BILLING, billing_routes
+from app.billing.service import BillingConfig, BillingService, RevenueCounter
+from app.billing.stripe_client import StripeClient
 from app.bus.memory import MemoryQueue
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
 from app.github.client import GitHubClient
 from app.github.service import GitHubConfig, GitHubService
 from app.observability.metrics import Metrics
-from app.runner.sandbox import Sandbox, SandboxUnavailable, detect_sandbox
+from app.runner.pool import WarmProfile
+from app.runner.sandbox import BwrapSandbox, Sandbox, SandboxUnavailable, detect_sandbox
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import ArtifactStore, Clock, Queue, SystemClock
 from app.store.auditlog import AuditLog
+from app.store.billing_store import BillingStore
 from app.store.db import make_engine, upgrade
 from app.store.github_store import GitHubStore
 from app.store.inbox import Inbox
@@ -50,8 +55,8 @@ from app.web.keys import (
 )
 from app.web.middlewares import authenticate_and_limit, envelope
 from app.web.routes import routes
-from app.worker.consumer import JobConsumer, LeaseReaper, OutboxRelay, RunConsumer
-from app.worker.runs import RunExecutor, RunnerConfig
+from app.worker.consumer import JobConsumer, JobHandler, LeaseReaper, OutboxRelay, RunConsumer
+from app.worker.runs import RunExecutor, RunnerConfig, sandbox_work_dir
 
 log = logging.getLogger("spell.app")
 
@@ -91,6 +96,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
 
     app.on_shutdown.append(_closing)
     app.add_routes(routes)
+    app.add_routes(billing_routes)
     app.cleanup_ctx.append(_platform_ctx(ov))
     return app
 
@@ -110,7 +116,9 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         await audit.start()
         queue = ov.queue or MemoryQueue()
         jobs = ov.jobs or MemoryQueue(ack_wait=60.0, max_deliver=6)
-        relay = OutboxRelay(ledger, queue, routes={"webhook.": jobs, "github.": jobs})
+        relay = OutboxRelay(
+            ledger, queue, routes={"webhook.": jobs, "github.": jobs, "billing.": jobs}
+        )
         inbox = Inbox(ledger, clock)
         github = _github(settings, ov)
         store = GitHubStore(ledger, clock)
@@ -122,6 +130,7 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             )
         state = app[SANDBOX_STATE]
         sandbox = await _sandbox(settings, ov, state)
+        stripe = _stripe(settings)
         platform = Platform(
             config=PlatformConfig(
                 signing_key=key,
@@ -146,6 +155,26 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
         app[RELAY] = relay
         app[INBOX] = inbox
         app[JOBS] = jobs
+        billing: BillingService | None = None
+        if stripe is not None:
+            ledger.billing_enabled = True  # settled casts queue their billing.charge job
+            metrics = app[METRICS]
+            billing = BillingService(
+                config=BillingConfig(
+                    public_url=(settings.public_url or "http://127.0.0.1:8080").rstrip("/")
+                ),
+                stripe=stripe,
+                store=BillingStore(ledger, clock),
+                ledger=ledger,
+                inbox=inbox,
+                audit=audit,
+                counters=RevenueCounter(
+                    revenue=metrics.revenue_cents.inc, refund=metrics.refunds_count.inc
+                ),
+                kick_outbox=relay.kick,
+            )
+            platform.payment_gate = billing.check_can_pay
+            app[BILLING] = billing
         gh_service: GitHubService | None = None
         if github is not None:
             gh_service = GitHubService(
@@ -163,22 +192,38 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             app[GITHUB] = gh_service
         tasks: list[asyncio.Task[None]] = []
         executor: RunExecutor | None = None
-        if ov.run_worker and gh_service is not None:
+        if ov.run_worker and (gh_service is not None or billing is not None):
+            handlers: dict[str, JobHandler] = {}
+            if gh_service is not None:
+                handlers.update(
+                    {
+                        "webhook.github": gh_service.on_webhook_job,
+                        "github.dispatch": gh_service.on_dispatch_job,
+                        "github.notify": gh_service.on_notify_job,
+                    }
+                )
+            if billing is not None:
+                handlers.update(
+                    {
+                        "webhook.stripe": billing.on_webhook_job,
+                        "billing.charge": billing.on_charge_job,
+                        "billing.retry": billing.on_retry_job,
+                    }
+                )
             job_consumer = JobConsumer(
                 jobs,
-                {
-                    "webhook.github": gh_service.on_webhook_job,
-                    "github.dispatch": gh_service.on_dispatch_job,
-                    "github.notify": gh_service.on_notify_job,
-                },
+                handlers,
                 max_deliver=jobs.max_deliver if isinstance(jobs, MemoryQueue) else 6,
                 backoff=ov.job_backoff,
-                on_dead=gh_service.on_dead_job,
+                on_dead=_dead_letters(gh_service, billing),
             )
-            tasks.append(asyncio.create_task(job_consumer.run(), name="github-jobs"))
-            tasks.append(
-                asyncio.create_task(_workflow_deadlines(gh_service), name="workflow-deadlines")
-            )
+            tasks.append(asyncio.create_task(job_consumer.run(), name="jobs"))
+            if gh_service is not None:
+                tasks.append(
+                    asyncio.create_task(_workflow_deadlines(gh_service), name="workflow-deadlines")
+                )
+            if billing is not None:
+                tasks.append(asyncio.create_task(_billing_periods(billing), name="billing-periods"))
         if ov.run_worker:
             if isinstance(queue, MemoryQueue):
                 # The in-process queue starts empty: publish every queued cast again (the
@@ -220,14 +265,19 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            if isinstance(sandbox, BwrapSandbox):
+                await sandbox.aclose()  # kills the warm sandboxes before their folder goes
             if executor is not None:
                 await asyncio.to_thread(executor.close)
             await queue.close()
             await jobs.close()
             if github is not None and ov.github is None:
                 await github.aclose()
+            if stripe is not None:
+                await stripe.aclose()
             await audit.close()
             await head.close()
+            await ledger.aclose()
             await engine.dispose()
 
     return ctx
@@ -235,11 +285,18 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
 
 async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> Sandbox | None:
     """Probe the sandbox once at start; service runs are refused (fail closed) if it fails."""
+    warm = settings.sandbox_warm if ov.run_worker else 0
     try:
         sandbox = ov.sandbox or detect_sandbox(
             uid=settings.sandbox_uid,
             allow_unsafe=settings.unsafe_no_sandbox,
             uid_pool=settings.uid_pool(),
+            warm=warm,
+            # next to the run folders, so a run's output is renamed out of its warm sandbox
+            warm_dir=sandbox_work_dir(settings.data_dir, settings.sandbox_uid) / "warm"
+            if warm
+            else None,
+            warm_profile=WarmProfile(max_output_bytes=settings.max_output_bytes),
         )
         await sandbox.probe()
     except SandboxUnavailable as e:
@@ -291,6 +348,45 @@ def _github(settings: Settings, ov: Overrides) -> GitHubClient | None:
     pem = settings.github_key_pem()
     assert pem is not None and settings.github_app_id is not None
     return GitHubClient(settings.github_api_url, settings.github_app_id, pem)
+
+
+def _stripe(settings: Settings) -> StripeClient | None:
+    """The process's one Stripe client; None in ledger-only mode (no STRIPE_API_KEY)."""
+    if not settings.stripe_enabled:
+        return None
+    assert settings.stripe_api_key is not None
+    return StripeClient(
+        settings.stripe_api_key.get_secret_value(), base_url=settings.stripe_api_base
+    )
+
+
+def _dead_letters(
+    gh: GitHubService | None, billing: BillingService | None
+) -> Callable[[Any, str], Any]:
+    """Dead jobs go to the feature that queued them."""
+
+    async def on_dead(msg: Any, error: str) -> None:
+        subject = str(msg.subject)
+        if billing is not None and (subject.startswith("billing.") or subject == "webhook.stripe"):
+            await billing.on_dead_job(msg, error)
+        elif gh is not None:
+            await gh.on_dead_job(msg, error)
+
+    return on_dead
+
+
+async def _billing_periods(billing: BillingService, every: float = 3600.0) -> None:
+    """Collect what is still pending from months that have ended (the minimum-charge rule)."""
+    while True:
+        try:
+            n = await billing.settle_ended_periods()
+            if n:
+                log.info("collected %d pending balances of ended months", n)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("billing period sweep failed")
+        await asyncio.sleep(every)
 
 
 async def _workflow_deadlines(gh: GitHubService, every: float = 5.0) -> None:

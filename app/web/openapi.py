@@ -1152,6 +1152,181 @@ def _paths() -> dict[str, Schema]:
     }
 
 
+# ------------------------------------------------------------------- billing (issue #4)
+
+
+def _billing_schemas() -> dict[str, Schema]:
+    return {
+        "StripeEvent": {
+            "type": "object",
+            "description": "A Stripe event, exactly as Stripe sent it "
+            "(https://docs.stripe.com/api/events/object).",
+            "required": ["id", "object", "type", "created", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^evt_"},
+                "object": {"const": "event"},
+                "type": {"type": "string"},
+                "created": {"type": "integer"},
+                "data": {"type": "object"},
+            },
+        },
+        "BillingOverview": {
+            "type": "object",
+            "description": "The account's billing. In ledger-only mode (no Stripe configured) "
+            "only `account`, `mode` and `caps` are present.",
+            "required": ["account", "mode", "caps"],
+            "properties": {
+                "account": {"type": "string"},
+                "mode": {"type": "string", "enum": ["stripe", "ledger"]},
+                "customer": {"type": ["string", "null"]},
+                "payment_method": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "string", "enum": ["none", "active", "failed"]},
+                        "id": {"type": ["string", "null"]},
+                    },
+                },
+                "past_due": {"type": "boolean"},
+                "past_due_reason": {"type": ["string", "null"]},
+                "plan": {"type": ["string", "null"]},
+                "subscription_status": {"type": ["string", "null"]},
+                "pending": {
+                    "type": "array",
+                    "description": "Settled amounts below Stripe's minimum charge, waiting to "
+                    "be collected together.",
+                    "items": {"type": "object"},
+                },
+                "charges": {"type": "array", "items": {"type": "object"}},
+                "entitlements": {"type": "array", "items": {"type": "object"}},
+                "caps": _schema("Caps"),
+            },
+        },
+        "BillingSetup": _object(
+            {
+                "url": {"type": "string", "format": "uri"},
+                "session_id": {"type": "string"},
+                "customer": {"type": "string"},
+            }
+        ),
+    }
+
+
+def _billing_paths() -> dict[str, Schema]:
+    plain_headers = {"traceparent": _ref("headers", "traceparent")}
+
+    def plain_error(status: int, description: str, code: str, message: str) -> Schema:
+        assert STATUS_BY_CODE[code] == status, (code, status)
+        return {
+            "description": description,
+            "headers": plain_headers,
+            "content": {
+                JSON: {
+                    "schema": _schema("Error"),
+                    "example": {"error": {"code": code, "message": message}},
+                }
+            },
+        }
+
+    unavailable = _error_response(
+        503,
+        "UNAVAILABLE: Stripe billing is not configured, or Stripe cannot be reached.",
+        "UNAVAILABLE",
+        "Stripe billing is not configured (STRIPE_API_KEY)",
+    )
+    return {
+        "/v1/billing": {
+            "get": _op(
+                "getBilling",
+                "billing",
+                "Billing overview",
+                "Payment method status, past-due state, amounts pending below the minimum "
+                "charge, recent charges, entitlements and the caps.",
+                {
+                    "200": _ok("The account's billing.", _schema("BillingOverview")),
+                    **_errors("Unauthorized", "Forbidden", "NotFound"),
+                },
+                parameters=[
+                    {
+                        "name": "account",
+                        "in": "query",
+                        "description": "Operators only: another account (others get 403).",
+                        "schema": {"type": "string"},
+                    }
+                ],
+            )
+        },
+        "/v1/billing/setup": {
+            "post": _op(
+                "setupBilling",
+                "billing",
+                "Save a payment method",
+                "Creates a Stripe Checkout Session in `setup` mode for the caller's account and "
+                "returns its URL; once the caster finishes it, paid casts are accepted (and an "
+                "account that was past due is in good standing again).",
+                {
+                    "201": _ok("The Checkout URL.", _schema("BillingSetup")),
+                    **_errors("Unauthorized", "Forbidden"),
+                    "503": unavailable,
+                },
+            )
+        },
+        "/webhooks/stripe": {
+            "post": _op(
+                "stripeWebhook",
+                "webhooks",
+                "Stripe webhook",
+                "Verifies `Stripe-Signature` (HMAC-SHA256 of `{t}.{raw body}` with the endpoint "
+                "secret, timestamp within 300 s) before anything is parsed, stores the raw event "
+                "(deduplicated by event id) and acknowledges; handlers run later from the jobs "
+                "queue, safe against redelivery and out-of-order events. Unknown event types "
+                "are acknowledged and ignored. Authenticated by the signature.",
+                {
+                    "200": {
+                        "description": "Received (or a duplicate of an event already received).",
+                        "headers": plain_headers,
+                        "content": {
+                            JSON: {
+                                "schema": _object(
+                                    {
+                                        "received": {"type": "boolean"},
+                                        "event_id": {"type": "string"},
+                                        "duplicate": {"type": "boolean"},
+                                    }
+                                )
+                            }
+                        },
+                    },
+                    "401": plain_error(
+                        401,
+                        "Missing, wrong or stale signature.",
+                        "UNAUTHORIZED",
+                        "Stripe signature rejected: signature does not match the payload",
+                    ),
+                    "413": plain_error(
+                        413, "Over the size limit.", "PAYLOAD_TOO_LARGE", "too large"
+                    ),
+                    "422": plain_error(
+                        422, "Not a Stripe event.", "VALIDATION_ERROR", "not a Stripe event"
+                    ),
+                    "503": plain_error(
+                        503, "Stripe billing is not configured.", "UNAVAILABLE", "not configured"
+                    ),
+                },
+                parameters=[
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^t=\\d+,"},
+                    }
+                ],
+                body=_json_body("StripeEvent", "The event exactly as Stripe sent it."),
+                public=True,
+            )
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------- document
 
 
@@ -1183,7 +1358,7 @@ def _document() -> dict[str, Any]:
             {"name": "artifacts", "description": "Signed, expiring artifact downloads."},
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
         ],
-        "paths": _paths(),
+        "paths": {**_paths(), **_billing_paths()},
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
@@ -1194,7 +1369,7 @@ def _document() -> dict[str, Any]:
                     "auditor) decides its scopes.",
                 }
             },
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_billing_schemas()},
             "parameters": _parameters(),
             "headers": _headers(),
             "responses": _responses(),

@@ -153,6 +153,7 @@ class RunConsumer:
             )
             if done is not None:
                 self.executor.platform.hub.notify(cast_id)
+                self.executor.platform.kick_outbox()
                 await self.executor.platform.audit.append(
                     "cast.failed",
                     actor="worker",

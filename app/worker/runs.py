@@ -24,7 +24,7 @@ from typing import Any
 from app.domain.pricing import Usage, actual_cents
 from app.domain.spells import SpellDocument
 from app.runner.bundle import extract_bundle, zip_output
-from app.runner.sandbox import Sandbox, SandboxResult, SandboxSpec
+from app.runner.sandbox import SANDBOX_PYTHON, Sandbox, SandboxResult, SandboxSpec
 from app.services.platform import Platform
 from app.store.ledger import new_id
 from app.store.models import Artifact, Cast
@@ -32,7 +32,7 @@ from app.store.models import Artifact, Cast
 log = logging.getLogger("spell.worker")
 
 MAX_LOG_EVENTS = 1000
-PY = "/usr/bin/python3"
+PY = SANDBOX_PYTHON  # warm sandboxes run these spells in their already started interpreter
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,8 @@ class RunExecutor:
         self.private_work_dir = work if work != config.data_dir.resolve() else None
         self.bundles_dir = work / "bundles"
         self.runs_dir = work / "runs"
+        #: bundle digest → its extracted (read-only, content-addressed) folder
+        self._extracted: dict[str, Path] = {}
         #: cast id → attempt this process is running (for lease renewal)
         self.active: dict[str, int] = {}
 
@@ -138,8 +140,9 @@ class RunExecutor:
         self.active[cast_id] = attempt
         self.platform.hub.notify(cast_id)
         run_dir = self.runs_dir / f"{cast_id}-{attempt}"
-        try:
-            await self.platform.audit.append(
+        # Written while the run is prepared; awaited before the spell starts.
+        running = asyncio.ensure_future(
+            self.platform.audit.append(
                 "cast.running",
                 actor="worker",
                 cast_id=cast_id,
@@ -147,9 +150,12 @@ class RunExecutor:
                 traceparent=cast.traceparent,
                 data={"attempt": attempt},
             )
-            await self._run(cast, attempt, run_dir)
+        )
+        try:
+            await self._run(cast, attempt, run_dir, running)
         except Exception:
             log.exception("cast %s attempt %d failed inside the platform", cast_id, attempt)
+            await _settled(running)  # keep the audit order: running, then failed
             await self._finish(
                 cast,
                 attempt,
@@ -159,17 +165,30 @@ class RunExecutor:
             )
         finally:
             self.active.pop(cast_id, None)
+            await _settled(running)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
 
-    async def _run(self, cast: Cast, attempt: int, run_dir: Path) -> None:
-        found = await self.ledger.get_spell(cast.spell_id, cast.spell_version)
+    async def _run(
+        self, cast: Cast, attempt: int, run_dir: Path, running: asyncio.Future[Any]
+    ) -> None:
+        # The spell and the run folder are independent: look up one while preparing the other.
+        prepared = asyncio.ensure_future(
+            asyncio.to_thread(self._prepare, run_dir, cast.input or {})
+        )
+        try:
+            found = await self.platform.spell_version(cast.spell_id, cast.spell_version)
+        finally:
+            input_path, out_dir = await prepared
         if found is None:
             raise RuntimeError(f"spell {cast.spell_id}@{cast.spell_version} vanished")
-        doc = self.platform.parsed(found[1]).doc
+        doc = self.platform.parsed(found).doc
         ex = doc.execution
         assert ex.bundle is not None and ex.entrypoint is not None
-        bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
-        input_path, out_dir = await asyncio.to_thread(self._prepare, run_dir, cast.input or {})
+        bundle_dir = self._extracted.get(ex.bundle)
+        if bundle_dir is None or not bundle_dir.is_dir():
+            bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
+            self._extracted[ex.bundle] = bundle_dir
+        await running  # the audit shows the cast running before the spell does anything
         lines = _LineSink(self, cast.id, attempt)
         spec = SandboxSpec(
             bundle_dir=bundle_dir,
@@ -187,8 +206,8 @@ class RunExecutor:
             },
         )
         result = await self.sandbox.run(spec, lines.on_line)
-        await lines.flush()
         if result.outcome != "ok":
+            await lines.flush()
             code, message = failure_of(result, doc)
             await self._finish(
                 cast,
@@ -199,9 +218,14 @@ class RunExecutor:
                 extra={"duration_ms": result.duration_ms, "exit_code": result.exit_code},
             )
             return
-        digest, size, zip_path = await asyncio.to_thread(zip_output, out_dir, run_dir)
-        art_id = new_id("a")
-        location = await self.platform.artifacts.put(art_id, zip_path, digest=digest)
+        # The last output lines go to the ledger while the output is packed and stored.
+        flushed = asyncio.ensure_future(lines.flush())
+        try:
+            digest, size, zip_path = await asyncio.to_thread(zip_output, out_dir, run_dir)
+            art_id = new_id("a")
+            location = await self.platform.artifacts.put(art_id, zip_path, digest=digest)
+        finally:
+            await flushed
         now = self.platform.clock.now()
         artifact = Artifact(
             id=art_id,
@@ -276,6 +300,7 @@ class RunExecutor:
                 await self.platform.artifacts.delete(artifact.location)
             return
         self.platform.hub.notify(cast.id)
+        self.platform.kick_outbox()  # GitHub feedback / billing.charge rows from the finish
         status = "succeeded" if succeeded else "failed"
         charged = min(cost, done.estimate_cents) if succeeded else 0
         await self.platform.audit.append(
@@ -310,6 +335,14 @@ class RunExecutor:
             m.cast_latency_ms.observe(ms)
         if code:
             m.errors_by_code.labels(code=code).inc()
+
+
+async def _settled(fut: asyncio.Future[Any]) -> None:
+    """Wait for ``fut`` without raising (its failure was, or is, reported by whoever awaits)."""
+    if not fut.done():
+        await asyncio.wait([fut])
+    if not fut.cancelled():
+        fut.exception()
 
 
 class _LineSink:

@@ -15,13 +15,14 @@ import socket
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.runner.pool import WarmPool
 from app.runner.sandbox import (
     MAX_LINE_BYTES,
     TAIL_BYTES,
@@ -32,6 +33,7 @@ from app.runner.sandbox import (
     UnsafeSubprocessSandbox,
     detect_sandbox,
     seccomp_program,
+    warm_profile_of,
 )
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +48,7 @@ IS_ROOT = os.geteuid() == 0
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> BwrapSandbox:
+def cold_sandbox() -> BwrapSandbox:
     sb = BwrapSandbox()
     try:
         asyncio.run(sb.probe())
@@ -55,6 +57,50 @@ def sandbox() -> BwrapSandbox:
             pytest.fail(f"sandbox probe failed: {exc}")
         pytest.skip(f"bwrap cannot create namespaces here: {exc}")
     return sb
+
+
+class WarmOnly:
+    """A warm-pool BwrapSandbox whose every run must go through a pre-spawned sandbox.
+
+    Before each run the pool is shifted to the run's profile and waited for, and afterwards the
+    pool's hit counter proves the run did not fall back to a cold spawn.
+    """
+
+    name = "bwrap"
+
+    def __init__(self, inner: BwrapSandbox) -> None:
+        self.inner = inner
+
+    @property
+    def pool(self) -> WarmPool:
+        assert self.inner.pool is not None, "the warm pool did not start"
+        return self.inner.pool
+
+    async def probe(self) -> None:
+        await self.inner.probe()
+
+    async def run(self, spec: SandboxSpec, on_line: Any = None) -> SandboxResult:
+        assert await self.pool.prewarm(warm_profile_of(spec)), "no warm sandbox got ready"
+        hits = self.pool.stats["hits"]
+        result = await self.inner.run(spec, on_line)
+        assert self.pool.stats["hits"] == hits + 1, "the run did not use a warm sandbox"
+        return result
+
+
+@pytest.fixture(params=["cold", "warm"])
+async def sandbox(
+    request: pytest.FixtureRequest, cold_sandbox: BwrapSandbox
+) -> AsyncIterator[BwrapSandbox | WarmOnly]:
+    """Every sandbox test runs twice: cold spawn, and through the warm pool."""
+    if request.param == "cold":
+        yield cold_sandbox
+        return
+    inner = BwrapSandbox(warm=1)
+    await inner.probe()
+    try:
+        yield WarmOnly(inner)
+    finally:
+        await inner.aclose()
 
 
 @dataclass
@@ -129,7 +175,7 @@ def processes_with(marker: str) -> list[int]:
 
 
 async def test_happy_path_reads_input_writes_output_and_streams_lines(
-    sandbox: BwrapSandbox, ws: Workspace, monkeypatch: pytest.MonkeyPatch
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SPELL_TEST_HOST_SECRET", "must-not-leak")
     spec = ws.spec(
@@ -167,7 +213,7 @@ async def test_happy_path_reads_input_writes_output_and_streams_lines(
 
 
 async def test_network_is_denied_even_to_a_port_listening_on_the_host(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -205,7 +251,9 @@ async def test_network_is_denied_even_to_a_port_listening_on_the_host(
     assert seen["interfaces"] == ["lo"]
 
 
-async def test_only_the_output_folder_is_writable(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_only_the_output_folder_is_writable(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     spec = ws.spec(
         """
         import json
@@ -231,7 +279,7 @@ async def test_only_the_output_folder_is_writable(sandbox: BwrapSandbox, ws: Wor
 
 
 async def test_identity_is_unprivileged_without_capabilities(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     spec = ws.spec(
         """
@@ -268,7 +316,7 @@ SYSCALLS = {
 
 @pytest.mark.skipif(platform.machine() not in SYSCALLS, reason="no seccomp filter for this ABI")
 async def test_seccomp_denies_dangerous_syscalls_but_not_threads_or_subprocesses(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     spec = ws.spec(
         f"""
@@ -309,7 +357,7 @@ def test_seccomp_program_is_whole_bpf_instructions() -> None:
 
 
 async def test_etc_shadow_is_absent_and_unreadable_even_when_bound(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     probe = """
         import json, sys
@@ -337,7 +385,9 @@ async def test_etc_shadow_is_absent_and_unreadable_even_when_bound(
     assert json.loads(bound.stdout_tail) == "PermissionError"
 
 
-async def test_memory_limit_ends_the_run_as_memory(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_memory_limit_ends_the_run_as_memory(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     spec = ws.spec(
         """
         blob = bytearray(256 * 1024 * 1024)
@@ -352,7 +402,7 @@ async def test_memory_limit_ends_the_run_as_memory(sandbox: BwrapSandbox, ws: Wo
 
 
 async def test_time_limit_kills_the_whole_process_tree(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     marker = f"spell-sandbox-orphan-{os.getpid()}-{time.monotonic_ns()}"
     seen_while_running: list[int] = []
@@ -385,7 +435,9 @@ async def test_time_limit_kills_the_whole_process_tree(
     assert processes_with(marker) == []
 
 
-async def test_cancelling_a_run_kills_the_sandbox(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_cancelling_a_run_kills_the_sandbox(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     marker = f"spell-sandbox-cancelled-{os.getpid()}-{time.monotonic_ns()}"
     started = asyncio.Event()
 
@@ -416,7 +468,9 @@ async def test_cancelling_a_run_kills_the_sandbox(sandbox: BwrapSandbox, ws: Wor
     assert processes_with(marker) == []
 
 
-async def test_cpu_limit_ends_the_run_as_cpu(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_cpu_limit_ends_the_run_as_cpu(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     result = await sandbox.run(ws.spec("while True: pass", cpu_sec=1, timeout_sec=10))
     assert result.outcome == "cpu", result
     assert result.exit_code == 152
@@ -447,14 +501,16 @@ async def test_cpu_limit_ends_the_run_as_cpu(sandbox: BwrapSandbox, ws: Workspac
     ],
 )
 async def test_too_much_output_ends_the_run_as_output_too_large(
-    sandbox: BwrapSandbox, ws: Workspace, code: str
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace, code: str
 ) -> None:
     result = await sandbox.run(ws.spec(code, max_output_bytes=1024 * 1024))
     assert result.outcome == "output_too_large", result
     assert result.duration_ms < 30_000
 
 
-async def test_crash_is_exit_error_with_the_traceback(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_crash_is_exit_error_with_the_traceback(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     result = await sandbox.run(ws.spec("raise RuntimeError('boom')"))
     assert result.outcome == "exit_error"
     assert result.exit_code == 1
@@ -462,7 +518,9 @@ async def test_crash_is_exit_error_with_the_traceback(sandbox: BwrapSandbox, ws:
     assert "RuntimeError: boom" in result.stderr_tail
 
 
-async def test_long_lines_are_capped_and_tails_kept(sandbox: BwrapSandbox, ws: Workspace) -> None:
+async def test_long_lines_are_capped_and_tails_kept(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
     spec = ws.spec(
         """
         print("a" * 20000)
@@ -502,7 +560,7 @@ async def test_uid_pool_gives_each_concurrent_run_its_own_process_budget(ws: Wor
     assert {int(r.stdout_tail) for r in results} == set(range(200_100, 200_106))
 
 
-async def test_probe_passes_and_is_cached(sandbox: BwrapSandbox) -> None:
+async def test_probe_passes_and_is_cached(cold_sandbox: BwrapSandbox) -> None:
     fresh = BwrapSandbox()
     await fresh.probe()
     await fresh.probe()
@@ -517,7 +575,7 @@ async def test_probe_fails_closed_when_bwrap_is_missing_or_broken() -> None:
 
 @pytest.mark.skipif(not IS_ROOT, reason="reachability is only checked when dropping root")
 async def test_paths_the_sandbox_uid_cannot_reach_are_refused(
-    sandbox: BwrapSandbox, ws: Workspace
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
     ws.root.chmod(0o700)
     with pytest.raises(ValueError, match="not reachable by sandbox uid"):

@@ -1,0 +1,1 @@
+"""Stripe billing: the gateway, webhook verification and handlers, settlement (issue #4)."""

@@ -1,0 +1,170 @@
+"""The first process of a warm sandbox: waits for one job, then becomes the spell.
+
+The platform does not run this module itself: it runs its source INSIDE a pre-spawned bubblewrap
+sandbox, where ``/usr/bin/python3 -I -S -c LAUNCHER_BOOTSTRAP`` (:mod:`app.runner.sandbox`) reads
+it from stdin and executes it as ``__main__``. So it may use the standard library only and must
+work on the system interpreter.
+
+Protocol (one sandbox, one job, then the sandbox is gone):
+
+1. Import what the job needs, then write :data:`READY` to stdout: interpreter start-up is paid.
+2. Read ONE line from stdin: the job, a JSON object ``{"kind", "argv", "env", "rlimits",
+   "cwd"}``, and answer :data:`JOB_TAKEN` on stdout. End of input without a job (the pool is
+   closing) exits 0 without running anything.
+3. stdin becomes ``/dev/null`` (as in a cold run), the rlimits are set (soft and hard, so they can
+   only go down from the limits the sandbox was spawned with), the environment is replaced by
+   ``env`` and the working folder is ``cwd``.
+4. ``kind`` says how ``argv`` runs:
+
+   ``path``  ``[python, -I, -S, script, *args]``: the script runs in this interpreter as
+             ``__main__`` with ``sys.argv = [script, *args]``, as ``python3 -I -S script`` would.
+   ``code``  ``[python, -I, -S, -c, code, *args]``: the same for ``-c`` with ``sys.argv = ["-c",
+             *args]``.
+   ``exec``  anything else: ``execvpe(argv[0], argv, env)``, exactly what bwrap does in a cold run.
+
+   ``path`` falls back to ``exec`` for what CPython would not run as plain source (a folder, a
+   zip application, a ``.pyc``), so the result is always what a cold start would give.
+
+An uncaught exception prints its traceback without this launcher's frames and exits 1, like the
+interpreter does; ``SystemExit`` behaves as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import types
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # no typing import at run time: the launcher starts as lean as it can
+    from typing import Any, NoReturn
+
+READY = b"\0spell-launcher-ready\n"
+#: Written as soon as the job is read, before anything of it runs: until the host has seen it,
+#: the job can still go to another sandbox.
+JOB_TAKEN = b"\0spell-launcher-job\n"
+MAX_JOB_BYTES = 16 * 1024 * 1024
+#: Tail of a file searched for a zip end-of-central-directory record (zip applications).
+_ZIP_TAIL = 65536 + 22
+_RLIMITS = {
+    "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nproc": resource.RLIMIT_NPROC,
+    "core": resource.RLIMIT_CORE,
+}
+
+
+def _read_job() -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_JOB_BYTES:
+            os.write(2, b"spell launcher: job too large\n")
+            os._exit(70)
+    return bytes(buf)
+
+
+def _fail_exec(argv0: str, exc: OSError) -> NoReturn:
+    os.write(2, f"bwrap: execvp {argv0}: {exc.strerror}\n".encode(errors="replace"))
+    os._exit(1)
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
+    try:
+        os.execvpe(argv[0], argv, env)  # noqa: S606 - what bwrap itself does in a cold run
+    except OSError as exc:
+        _fail_exec(argv[0], exc)
+
+
+def _runs_as_source(path: str, data: bytes) -> bool:
+    """Whether CPython would run ``path`` as plain source code (not a zip app or a .pyc)."""
+    if path.endswith((".pyc", ".pyo")):
+        return False
+    import _frozen_importlib_external
+
+    magic: bytes = _frozen_importlib_external.MAGIC_NUMBER
+    if data[:2] == magic[:2]:
+        return False
+    return b"PK\x05\x06" not in data[-_ZIP_TAIL:]
+
+
+def _run_python(argv: list[str], kind: str, env: dict[str, str]) -> None:
+    import builtins
+
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    if kind == "path":
+        path = argv[3]
+        try:
+            if not os.path.isfile(path):
+                _exec(argv, env)  # a folder, a FIFO, a missing file: the interpreter decides
+            with open(path, "rb") as fh:
+                source: str | bytes = fh.read()
+        except OSError:
+            _exec(argv, env)
+        assert isinstance(source, bytes)
+        if not _runs_as_source(path, source):
+            _exec(argv, env)
+        filename = os.path.abspath(path)  # as CPython makes the script's __file__
+        sys.argv = argv[3:]
+        main.__dict__.update(__file__=filename, __cached__=None)
+    else:
+        source, filename = argv[4], "<string>"
+        sys.argv = ["-c", *argv[5:]]
+    sys.orig_argv = list(argv)
+    sys.modules["__main__"] = main
+    try:
+        code = compile(source, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        sys.excepthook(type(exc), exc.with_traceback(None), None)  # no frame of it ran
+        sys.exit(1)
+    try:
+        exec(code, main.__dict__)  # noqa: S102 - this IS the spell's interpreter
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code is not code:
+            tb = tb.tb_next  # drop this launcher's frames: the spell's own traceback only
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        if isinstance(exc, KeyboardInterrupt):
+            import signal
+
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(1)
+
+
+def main() -> None:
+    os.write(1, READY)
+    raw = _read_job()
+    if not raw.strip():
+        os._exit(0)
+    os.write(1, JOB_TAKEN)
+    job: dict[str, Any] = json.loads(raw)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    for name, (soft, hard) in job["rlimits"].items():
+        resource.setrlimit(_RLIMITS[name], (soft, hard))
+    os.chdir(job["cwd"])
+    env: dict[str, str] = {**job["env"], "PWD": job["cwd"]}  # as bwrap's --chdir sets it
+    os.environ.clear()
+    os.environ.update(env)
+    argv: list[str] = job["argv"]
+    kind = job["kind"]
+    del raw, job
+    if kind == "exec":
+        _exec(argv, env)
+    _run_python(argv, kind, env)
+
+
+if __name__ == "__main__":
+    main()
