@@ -92,6 +92,7 @@ async def local_platform(settings: Settings) -> AsyncIterator[Platform]:
             )
         finally:
             await audit.close()
+            await ledger.aclose()
 
 
 async def read_audit_head(settings: Settings) -> tuple[int, str] | None:
