@@ -53,6 +53,14 @@ class Stmt:
     rows: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Many:
+    """Independent writes whose results are not needed: run one after the other on SQLite,
+    sent as ONE statement (data-modifying CTEs) to PostgreSQL — one round trip, not n."""
+
+    stmts: tuple[Stmt, ...]
+
+
 @dataclass(slots=True)
 class Res:
     rowcount: int
@@ -62,7 +70,7 @@ class Res:
         return self.rows[0] if self.rows else None
 
 
-Program = Generator[Stmt, Res, T]
+Program = Generator[Stmt | Many, Res, T]
 
 
 # ---------------------------------------------------------------------------- value adaptation
@@ -134,6 +142,11 @@ def _drive_sqlite(conn: sqlite3.Connection, program: Program[T]) -> T:
     try:
         stmt = next(program)
         while True:
+            if isinstance(stmt, Many):
+                for one in stmt.stmts:
+                    conn.execute(one.sql, [_sqlite_arg(a) for a in one.args]).close()
+                stmt = program.send(Res(rowcount=0))
+                continue
             cur = conn.execute(stmt.sql, [_sqlite_arg(a) for a in stmt.args])
             rows = cur.fetchall() if stmt.rows else []
             # sqlite3 reports rowcount for DML; with RETURNING it is only final after fetchall
@@ -348,6 +361,9 @@ class PgRunner:
             try:
                 stmt = next(program)
                 while True:
+                    if isinstance(stmt, Many):
+                        stmt = program.send(await _pg_many(conn, stmt))
+                        continue
                     sql = pg_sql(stmt.sql)
                     args = [_pg_arg(a) for a in stmt.args]
                     if stmt.rows:
@@ -368,6 +384,17 @@ class PgRunner:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+
+async def _pg_many(conn: Any, many: Many) -> Res:
+    if len(many.stmts) == 1:
+        one = many.stmts[0]
+        await conn.execute(pg_sql(one.sql), *[_pg_arg(a) for a in one.args])
+        return Res(rowcount=0)
+    parts = ", ".join(f"q{i} AS ({one.sql})" for i, one in enumerate(many.stmts))
+    args = [_pg_arg(a) for one in many.stmts for a in one.args]
+    await conn.execute(pg_sql(f"WITH {parts} SELECT 1"), *args)
+    return Res(rowcount=0)
 
 
 def _pg_rowcount(status: str) -> int:

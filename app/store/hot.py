@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import AppError
-from app.store.fastsql import Json, Program, Stmt
+from app.store.fastsql import Json, Many, Program, Stmt
 
 
 class CapRefused(Exception):
@@ -166,49 +166,58 @@ def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bo
     if stored is not None:
         return stored[0], stored[1], True
     held = c.estimate_cents > 0
-    yield Stmt(
-        _INSERT_CAST,
-        (
-            c.id,
-            c.spell_id,
-            c.spell_version,
-            c.caster_id,
-            c.principal_id,
-            c.input_hash,
-            Json(c.input),
-            c.mode,
-            c.currency,
-            c.estimate_cents,
-            "held" if held else "none",
-            c.period,
-            c.traceparent,
-            c.created_at,
+    writes = [
+        Stmt(
+            _INSERT_CAST,
+            (
+                c.id,
+                c.spell_id,
+                c.spell_version,
+                c.caster_id,
+                c.principal_id,
+                c.input_hash,
+                Json(c.input),
+                c.mode,
+                c.currency,
+                c.estimate_cents,
+                "held" if held else "none",
+                c.period,
+                c.traceparent,
+                c.created_at,
+            ),
         ),
-    )
-    yield Stmt(
-        "INSERT INTO cast_events (cast_id, seq, stage, data, created_at)"
-        " VALUES (?, 1, 'queued', ?, ?)",
-        (c.id, Json({"status": "queued"}), c.created_at),
-    )
+        Stmt(
+            "INSERT INTO cast_events (cast_id, seq, stage, data, created_at)"
+            " VALUES (?, 1, 'queued', ?, ?)",
+            (c.id, Json({"status": "queued"}), c.created_at),
+        ),
+    ]
     if c.subject is not None:
-        yield Stmt(
-            "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"
-            " VALUES (?, ?, ?, ?, NULL)",
-            (c.subject, c.id, Json({"cast_id": c.id, "traceparent": c.traceparent}), c.created_at),
+        writes.append(
+            Stmt(
+                "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"
+                " VALUES (?, ?, ?, ?, NULL)",
+                (
+                    c.subject,
+                    c.id,
+                    Json({"cast_id": c.id, "traceparent": c.traceparent}),
+                    c.created_at,
+                ),
+            )
         )
     if c.target is not None:
         cols = ["cast_id", *c.target]
-        yield Stmt(
-            f"INSERT INTO cast_targets ({', '.join(cols)})"  # noqa: S608 - column names are ours
-            f" VALUES ({', '.join('?' for _ in cols)})",
-            (c.id, *c.target.values()),
+        writes.append(
+            Stmt(
+                f"INSERT INTO cast_targets ({', '.join(cols)})"  # noqa: S608 - our column names
+                f" VALUES ({', '.join('?' for _ in cols)})",
+                (c.id, *c.target.values()),
+            )
         )
-    # The two rows every cast of a hot account / popular spell touches come last, so their
+    # The rows every cast of a popular spell / hot account touches come last, so their row
     # locks (PostgreSQL) are held for as short a time as possible before COMMIT.
-    yield Stmt(
-        "UPDATE spells SET cast_count = cast_count + 1 WHERE id = ?",
-        (c.spell_id,),
-    )
+    writes.append(Stmt("UPDATE spells SET cast_count = cast_count + 1 WHERE id = ?", (c.spell_id,)))
+    yield Many(tuple(writes))
     if held:
         period = yield from reserve(c.caster_id, c.estimate_cents, c.period, c.created_at)
         if period is None:
@@ -364,7 +373,13 @@ class NewArtifact:
 
 
 def _close_reservation(
-    cast: dict[str, Any], *, succeeded: bool, cost: int, billing: bool, now: datetime
+    cast: dict[str, Any],
+    *,
+    succeeded: bool,
+    cost: int,
+    billing: bool,
+    now: datetime,
+    usage: Mapping[str, int] | None = None,
 ) -> Program[None]:
     """Settle (success: the actual cost, capped at the estimate, moves into used) or release
     the cast's reservation — exactly once, guarded by ``reservation`` flipping from ``held``;
@@ -420,6 +435,17 @@ def _close_reservation(
                     now,
                 ),
             )
+    if succeeded and billing and usage is not None:
+        # a metered cast: its usage (meter quantities) for the metered-subscription job
+        yield Stmt(
+            "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"
+            " VALUES ('billing.usage', ?, ?, ?, NULL) ON CONFLICT (msg_id) DO NOTHING",
+            (
+                f"cast:{cast['id']}:usage",
+                Json({"cast_id": cast["id"], "usage": dict(usage)}),
+                now,
+            ),
+        )
 
 
 def finish(
@@ -434,6 +460,7 @@ def finish(
     extra_event: dict[str, Any] | None,
     billing: bool,
     now: datetime,
+    usage: Mapping[str, int] | None = None,
 ) -> Program[dict[str, Any] | None]:
     """End a live attempt: status, artifact, settle/release, ledger line, final event."""
     status = "succeeded" if succeeded else "failed"
@@ -474,7 +501,7 @@ def finish(
             ),
         )
     yield from _close_reservation(
-        cast, succeeded=succeeded, cost=cost_cents, billing=billing, now=now
+        cast, succeeded=succeeded, cost=cost_cents, billing=billing, now=now, usage=usage
     )
     event: dict[str, Any] = {"status": status, **(extra_event or {})}
     if succeeded:

@@ -19,9 +19,11 @@ import pytest
 
 from app.store.fastsql import (
     Json,
+    Many,
     Program,
     SqliteRunner,
     Stmt,
+    _pg_many,
     _pg_rowcount,
     pg_sql,
     runner_for_url,
@@ -179,3 +181,43 @@ def test_runner_for_url_picks_the_backend(tmp_path: Path) -> None:
     assert getattr(pg, "dsn", "") == "postgresql://u:secret@127.0.0.1:5432/db"
     with pytest.raises(ValueError):
         runner_for_url("sqlite+aiosqlite:///:memory:")
+
+
+async def test_many_runs_every_write_and_rolls_back_with_its_program(tmp_path: Path) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+
+    def writes(fail: bool) -> Program[None]:
+        yield Many(
+            (
+                Stmt("INSERT INTO t (k, n) VALUES (?, 1)", ("m1" if not fail else "f1",)),
+                Stmt("INSERT INTO t (k, n) VALUES (?, 2)", ("m2" if not fail else "f2",)),
+            )
+        )
+        if fail:
+            raise ValueError("refused")
+
+    try:
+        await runner.run(lambda: writes(False))
+        with pytest.raises(ValueError):
+            await runner.run(lambda: writes(True))
+    finally:
+        await runner.aclose()
+    assert [r[0] for r in _rows(path)] == ["m1", "m2"]
+
+
+def test_pg_many_is_one_statement_of_data_modifying_ctes() -> None:
+    class Conn:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+        async def execute(self, sql: str, *args: Any) -> str:
+            self.calls.append((sql, args))
+            return "SELECT 1"
+
+    conn = Conn()
+    many = Many((Stmt("INSERT INTO a VALUES (?)", (1,)), Stmt("UPDATE b SET x = ?", (2,))))
+    asyncio.run(_pg_many(conn, many))
+    assert conn.calls == [
+        ("WITH q0 AS (INSERT INTO a VALUES ($1)), q1 AS (UPDATE b SET x = $2) SELECT 1", (1, 2))
+    ]
