@@ -192,8 +192,9 @@ class SqliteRunner:
                 t.start()
                 self._thread = t
 
-    async def run(self, factory: Callable[[], Program[T]]) -> T:
-        """Run one program in a (shared) write transaction; its result or its exception."""
+    async def run(self, factory: Callable[[], Program[T]], *, atomic: bool = True) -> T:
+        """Run one program in a (shared) write transaction; its result or its exception.
+        (``atomic`` matters only on PostgreSQL: here every program runs in a savepoint.)"""
         self._ensure_thread()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put(_Job(factory, fut))
@@ -354,27 +355,35 @@ class PgRunner:
                     )
         return self._pool
 
-    async def run(self, factory: Callable[[], Program[T]]) -> T:
+    async def run(self, factory: Callable[[], Program[T]], *, atomic: bool = True) -> T:
+        """Run one program in its own transaction. ``atomic=False`` (one-statement programs
+        only, e.g. a read) skips BEGIN/COMMIT: each statement is atomic by itself."""
         pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction():
-            program = factory()
-            try:
-                stmt = next(program)
-                while True:
-                    if isinstance(stmt, Many):
-                        stmt = program.send(await _pg_many(conn, stmt))
-                        continue
-                    sql = pg_sql(stmt.sql)
-                    args = [_pg_arg(a) for a in stmt.args]
-                    if stmt.rows:
-                        recs = await conn.fetch(sql, *args)
-                        res = Res(rowcount=len(recs), rows=[tuple(r) for r in recs])
-                    else:
-                        status = await conn.execute(sql, *args)
-                        res = Res(rowcount=_pg_rowcount(status))
-                    stmt = program.send(res)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+        async with pool.acquire() as conn:
+            if not atomic:
+                return await self._drive(conn, factory())
+            async with conn.transaction():
+                return await self._drive(conn, factory())
+
+    @staticmethod
+    async def _drive(conn: Any, program: Program[T]) -> T:
+        try:
+            stmt = next(program)
+            while True:
+                if isinstance(stmt, Many):
+                    stmt = program.send(await _pg_many(conn, stmt))
+                    continue
+                sql = pg_sql(stmt.sql)
+                args = [_pg_arg(a) for a in stmt.args]
+                if stmt.rows:
+                    recs = await conn.fetch(sql, *args)
+                    res = Res(rowcount=len(recs), rows=[tuple(r) for r in recs])
+                else:
+                    status = await conn.execute(sql, *args)
+                    res = Res(rowcount=_pg_rowcount(status))
+                stmt = program.send(res)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -64,15 +64,21 @@ def idempotency_conflict() -> AppError:
     )
 
 
+_INSERT_KEY = (
+    "INSERT INTO idempotency_keys (principal_id, key, request_hash, response_status,"
+    " response_body, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (principal_id, key) DO NOTHING"
+)
+
+
+def _key_args(k: IdemKey) -> tuple[Any, ...]:
+    return (k.principal_id, k.key, k.request_hash, k.status, Json(k.body), k.now, k.expires_at)
+
+
 def claim_key(k: IdemKey) -> Program[tuple[int, dict[str, Any]] | None]:
     """Take the key for this request. ``None``: taken, do the work; else the stored answer."""
     for _ in range(3):
-        res = yield Stmt(
-            "INSERT INTO idempotency_keys (principal_id, key, request_hash, response_status,"
-            " response_body, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (principal_id, key) DO NOTHING",
-            (k.principal_id, k.key, k.request_hash, k.status, Json(k.body), k.now, k.expires_at),
-        )
+        res = yield Stmt(_INSERT_KEY, _key_args(k))
         if res.rowcount == 1:
             return None
         # An expired key is free again: taken over by ONE conditional statement.
@@ -128,23 +134,7 @@ _RESERVE = (
 
 def reserve(account_id: str, estimate: int, period: str, now: datetime) -> Program[str | None]:
     """Reserve ``estimate`` against both caps in one statement; the period it counts in."""
-    res = yield Stmt(
-        _RESERVE,
-        (
-            period,
-            period,
-            period,
-            period,
-            estimate,
-            estimate,
-            now,
-            account_id,
-            period,
-            estimate,
-            estimate,
-        ),
-        rows=True,
-    )
+    res = yield Stmt(_RESERVE, _reserve_args(account_id, estimate, period, now), rows=True)
     row = res.first()
     return None if row is None else str(row[0])
 
@@ -159,13 +149,14 @@ _INSERT_CAST = (
 )
 
 
-def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bool]]:
-    """Idempotency key, cast row, first event, outbox message, target and reservation — one
-    transaction. Returns ``(status, body, replayed)``; raises :class:`CapRefused`."""
-    stored = yield from claim_key(k)
-    if stored is not None:
-        return stored[0], stored[1], True
-    held = c.estimate_cents > 0
+def _reserve_args(account_id: str, estimate: int, period: str, now: datetime) -> tuple[Any, ...]:
+    p = period
+    return (p, p, p, p, estimate, estimate, now, account_id, p, estimate, estimate)
+
+
+def _cast_writes(c: NewCast) -> list[Stmt]:
+    """The unconditional rows of a new cast: cast, first event, outbox message, target, and
+    the spell's counter (last: a popular spell's row lock is then held the shortest time)."""
     writes = [
         Stmt(
             _INSERT_CAST,
@@ -180,7 +171,7 @@ def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bo
                 c.mode,
                 c.currency,
                 c.estimate_cents,
-                "held" if held else "none",
+                "held" if c.estimate_cents > 0 else "none",
                 c.period,
                 c.traceparent,
                 c.created_at,
@@ -214,16 +205,63 @@ def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bo
                 (c.id, *c.target.values()),
             )
         )
-    # The rows every cast of a popular spell / hot account touches come last, so their row
-    # locks (PostgreSQL) are held for as short a time as possible before COMMIT.
     writes.append(Stmt("UPDATE spells SET cast_count = cast_count + 1 WHERE id = ?", (c.spell_id,)))
-    yield Many(tuple(writes))
-    if held:
+    return writes
+
+
+def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bool]]:
+    """Idempotency key, cast row, first event, outbox message, target and reservation — one
+    transaction. Returns ``(status, body, replayed)``; raises :class:`CapRefused`."""
+    stored = yield from claim_key(k)
+    if stored is not None:
+        return stored[0], stored[1], True
+    yield Many(tuple(_cast_writes(c)))
+    if c.estimate_cents > 0:
         period = yield from reserve(c.caster_id, c.estimate_cents, c.period, c.created_at)
         if period is None:
             raise CapRefused()
         if period != c.period:  # the stored month is newer than ours: count it there
             yield Stmt("UPDATE casts SET reserved_period = ? WHERE id = ?", (period, c.id))
+    return k.status, k.body, False
+
+
+class KeyTaken(Exception):
+    """The Idempotency-Key already exists: roll back, then answer through :func:`accept_cast`."""
+
+
+def accept_cast_one_statement(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bool]]:
+    """PostgreSQL's fast path of :func:`accept_cast`: the key, every row and the reservation in
+    ONE statement of data-modifying CTEs (one round trip inside the transaction, not three).
+
+    When the key turns out to exist (a replay, a conflict, an expired key) or the caps refuse,
+    it raises and the runner rolls everything back; the caller then answers through the
+    general :func:`accept_cast` (replay/409/takeover) or with 402.
+    """
+    held = c.estimate_cents > 0
+    writes = _cast_writes(c)
+    parts = [f"k AS ({_INSERT_KEY} RETURNING 1)"]
+    parts += [f"w{i} AS ({w.sql})" for i, w in enumerate(writes)]
+    args: list[Any] = [*_key_args(k)]
+    for w in writes:
+        args += w.args
+    if held:
+        parts.append(f"r AS ({_RESERVE})")
+        args += _reserve_args(c.caster_id, c.estimate_cents, c.period, c.created_at)
+    period_sql = "(SELECT period FROM r)" if held else "NULL"
+    res = yield Stmt(
+        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM k), {period_sql}",  # noqa: S608
+        tuple(args),
+        rows=True,
+    )
+    row = res.first()
+    assert row is not None
+    if int(row[0]) != 1:
+        raise KeyTaken()
+    if held:
+        if row[1] is None:
+            raise CapRefused()
+        if str(row[1]) != c.period:
+            yield Stmt("UPDATE casts SET reserved_period = ? WHERE id = ?", (str(row[1]), c.id))
     return k.status, k.body, False
 
 

@@ -559,6 +559,12 @@ class SqlLedger:
             now=now,
             expires_at=now + timedelta(seconds=self.idempotency_ttl),
         )
+        if self.dialect == "postgresql":
+            # One round trip for the usual case; a replay/conflict takes the general path.
+            try:
+                return await self.fast.run(lambda: hot.accept_cast_one_statement(cast, k))
+            except hot.KeyTaken:
+                pass
         return await self.fast.run(lambda: hot.accept_cast(cast, k))
 
     async def insert_cast(self, s: AsyncSession, cast: Cast, *, subject: str | None) -> None:
@@ -625,7 +631,7 @@ class SqlLedger:
             return list(rows.all())
 
     async def get_cast(self, cast_id: str) -> Cast | None:
-        row = await self.fast.run(lambda: hot.get_cast(cast_id))
+        row = await self.fast.run(lambda: hot.get_cast(cast_id), atomic=False)
         return None if row is None else Cast(**row)
 
     async def get_artifact(self, artifact_id: str) -> Artifact | None:
@@ -656,12 +662,14 @@ class SqlLedger:
         error_message: str | None = None,
         artifact: Artifact | None = None,
         extra_event: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
     ) -> Cast | None:
         """End a run: status, artifact, settle or release, ledger line, final event — atomically
         (app/store/hot.py ``finish``).
 
         Guarded by ``attempt``: a stale worker whose attempt was superseded changes nothing and
-        gets ``None``.
+        gets ``None``. ``usage`` (meter → quantity) marks a metered cast: with Stripe billing on,
+        its ``billing.usage`` job is queued in the same transaction.
         """
         now = self.clock.now()
         art = None
@@ -687,6 +695,7 @@ class SqlLedger:
                 extra_event=extra_event,
                 billing=billing,
                 now=now,
+                usage=usage,
             )
         )
         return None if row is None else Cast(**row)
@@ -796,7 +805,7 @@ class SqlLedger:
     # ------------------------------------------------------------------ outbox
 
     async def unsent_outbox(self, limit: int = 100) -> list[Outbox]:
-        rows = await self.fast.run(lambda: hot.unsent_outbox(limit))
+        rows = await self.fast.run(lambda: hot.unsent_outbox(limit), atomic=False)
         return [Outbox(id=i, subject=subj, msg_id=mid, payload=p) for i, subj, mid, p in rows]
 
     async def mark_sent(self, ids: Sequence[int]) -> None:
@@ -804,7 +813,7 @@ class SqlLedger:
             return
         now = self.clock.now()
         chosen = list(ids)
-        await self.fast.run(lambda: hot.mark_sent(chosen, now))
+        await self.fast.run(lambda: hot.mark_sent(chosen, now), atomic=False)
 
     async def ledger_lines(self, account_id: str) -> list[LedgerLine]:
         async with self.reader() as s:
@@ -826,7 +835,7 @@ class SqlLedger:
     async def set_audit_head(self, log: str, seq: int, digest: str) -> None:
         """Move the audit head pointer forward (never back); on the hot-path runner."""
         now = self.clock.now()
-        await self.fast.run(lambda: hot.set_audit_head(log, seq, digest, now))
+        await self.fast.run(lambda: hot.set_audit_head(log, seq, digest, now), atomic=False)
 
     async def audit_head(self, log: str) -> tuple[int, str] | None:
         async with self.reader() as s:
