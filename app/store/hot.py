@@ -596,3 +596,16 @@ def mark_sent(ids: list[int], now: datetime) -> Program[None]:
             f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})",  # noqa: S608
             (now, *chunk),
         )
+
+
+def events_after(
+    cast_id: str, after: int, limit: int
+) -> Program[list[tuple[int, int, str, dict[str, Any], datetime | None]]]:
+    """A cast's events after ``after`` in order: (id, seq, stage, data, created_at)."""
+    res = yield Stmt(
+        "SELECT id, seq, stage, data, created_at FROM cast_events"
+        " WHERE cast_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (cast_id, after, limit),
+        rows=True,
+    )
+    return [(int(r[0]), int(r[1]), str(r[2]), dict(_json(r[3])), _time(r[4])) for r in res.rows]

@@ -621,14 +621,11 @@ class SqlLedger:
         return await self.fast.run(lambda: hot.append_events(cast_id, attempt, evs, now))
 
     async def events_after(self, cast_id: str, after: int, limit: int = 500) -> list[CastEvent]:
-        async with self.reader() as s:
-            rows = await s.scalars(
-                select(CastEvent)
-                .where(CastEvent.cast_id == cast_id, CastEvent.seq > after)
-                .order_by(CastEvent.seq)
-                .limit(limit)
-            )
-            return list(rows.all())
+        rows = await self.fast.run(lambda: hot.events_after(cast_id, after, limit), atomic=False)
+        return [
+            CastEvent(id=i, cast_id=cast_id, seq=seq, stage=stage, data=data, created_at=at)
+            for i, seq, stage, data, at in rows
+        ]
 
     async def get_cast(self, cast_id: str) -> Cast | None:
         row = await self.fast.run(lambda: hot.get_cast(cast_id), atomic=False)
