@@ -192,6 +192,10 @@ class SqliteRunner:
                 t.start()
                 self._thread = t
 
+    async def warm(self) -> None:
+        """Start the writer thread now (at start-up) rather than on the first request."""
+        self._ensure_thread()
+
     async def run(self, factory: Callable[[], Program[T]], *, atomic: bool = True) -> T:
         """Run one program in a (shared) write transaction; its result or its exception.
         (``atomic`` matters only on PostgreSQL: here every program runs in a savepoint.)"""
@@ -350,10 +354,16 @@ class PgRunner:
                 if self._pool is None:
                     import asyncpg
 
+                    # Every connection opened up front: opening one (a PostgreSQL backend
+                    # fork) in the middle of a burst costs that burst several milliseconds.
                     self._pool = await asyncpg.create_pool(
-                        self.dsn, min_size=1, max_size=self.max_size
+                        self.dsn, min_size=self.max_size, max_size=self.max_size
                     )
         return self._pool
+
+    async def warm(self) -> None:
+        """Open the pool now (at start-up) rather than on the first request."""
+        await self._get_pool()
 
     async def run(self, factory: Callable[[], Program[T]], *, atomic: bool = True) -> T:
         """Run one program in its own transaction. ``atomic=False`` (one-statement programs
