@@ -342,7 +342,7 @@ def _resolve(jobs: list[_Job[Any]]) -> None:
 class PgRunner:
     """asyncpg pool; each program is one transaction."""
 
-    def __init__(self, dsn: str, *, max_size: int = 10) -> None:
+    def __init__(self, dsn: str, *, max_size: int = 4) -> None:
         self.dsn = dsn
         self.max_size = max_size
         self._pool: Any = None
@@ -425,7 +425,7 @@ def _pg_rowcount(status: str) -> int:
 Runner = SqliteRunner | PgRunner
 
 
-def runner_for_url(url: str) -> Runner:
+def runner_for_url(url: str, *, pool_size: int = 4) -> Runner:
     """The runner for a SQLAlchemy URL (``sqlite+aiosqlite:///…`` or ``postgresql+asyncpg://…``)."""
     from sqlalchemy.engine import make_url
 
@@ -436,4 +436,4 @@ def runner_for_url(url: str) -> Runner:
             raise ValueError("the fast ledger path needs a SQLite file, not an in-memory database")
         return SqliteRunner(db)
     dsn = u.set(drivername="postgresql").render_as_string(hide_password=False)
-    return PgRunner(dsn)
+    return PgRunner(dsn, max_size=pool_size)

@@ -75,7 +75,12 @@ class SqlLedger:
     billing_enabled: bool = False
 
     def __init__(
-        self, engine: AsyncEngine, clock: Clock, *, idempotency_ttl: int = 24 * 3600
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        *,
+        idempotency_ttl: int = 24 * 3600,
+        hot_pool_size: int = 4,
     ) -> None:
         self.engine = engine
         self.idempotency_ttl = idempotency_ttl
@@ -89,12 +94,16 @@ class SqlLedger:
         self.dialect = engine.dialect.name
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._fast: Runner | None = None
+        self.hot_pool_size = hot_pool_size
 
     @property
     def fast(self) -> Runner:
         """The bare-driver runner of the hot paths (app/store/fastsql.py), created on first use."""
         if self._fast is None:
-            self._fast = runner_for_url(self.engine.url.render_as_string(hide_password=False))
+            self._fast = runner_for_url(
+                self.engine.url.render_as_string(hide_password=False),
+                pool_size=self.hot_pool_size,
+            )
         return self._fast
 
     async def aclose(self) -> None:
