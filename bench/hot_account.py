@@ -1,7 +1,7 @@
 """Hot account: cast throughput against ONE capped account, and proof of zero overspend.
 
 Usage: .venv/bin/python bench/hot_account.py [--quick] [--runs 3] [--clients 32]
-                                              [--backends sqlite,postgresql]
+                                              [--backends sqlite,postgresql] [--worker 1|off]
 
 Per run and backend, on a fresh data dir / throw-away PostgreSQL database:
 
@@ -108,12 +108,25 @@ async def raw_reserve(env: c.Env, *, clients: int, expect: int, attempts: int) -
         await engine.dispose()
 
 
-async def http_burst(env: c.Env, *, clients: int, expect: int, attempts: int) -> dict[str, Any]:
+async def http_burst(
+    env: c.Env, *, clients: int, expect: int, attempts: int, worker: str = "1"
+) -> dict[str, Any]:
     maker, hot, warm = await c.issue_tokens(
         env, [("bench-maker", "maker"), ("hot-acct", "caster"), ("warm-acct", "caster")]
     )
     cap = PRICE * expect + SLACK
-    async with c.running_server(env) as server, c.session(limit=clients + 8, timeout=60) as s:
+    argv = None
+    if worker == "off":  # the API alone: bench/_serve_noworker.py, Overrides(run_worker=False)
+        argv = [
+            sys.executable,
+            str(Path(__file__).parent / "_serve_noworker.py"),
+            "--port",
+            "{port}",
+        ]
+    async with (
+        c.running_server(env, argv) as server,
+        c.session(limit=clients + 8, timeout=60) as s,
+    ):
         url = server.url
         digest = await c.upload_hello(s, url, maker)
         await c.publish_hello(s, url, maker, digest, spell_id="bench.hello-paid", flat_cents=PRICE)
@@ -236,7 +249,9 @@ async def main(args: argparse.Namespace) -> int:
                 base = await raw_reserve(
                     env, clients=args.clients, expect=expect, attempts=attempts
                 )
-                http = await http_burst(env, clients=args.clients, expect=expect, attempts=attempts)
+                http = await http_burst(
+                    env, clients=args.clients, expect=expect, attempts=attempts, worker=args.worker
+                )
             raw.append({"run": run, "backend": backend, "raw_reserve": base, "http": http})
             ok = all(http["checks"].values()) and all(base["checks"].values())
             print(
@@ -305,7 +320,8 @@ async def main(args: argparse.Namespace) -> int:
     print(
         f"\nhot_account: {args.clients} closed-loop clients, one account, price {PRICE} c, cap "
         f"{PRICE * expect + SLACK} c (= {expect} casts), {attempts} attempts; median of "
-        f"{args.runs} runs; SPELL_WORKERS=1; {info['cpus']} CPUs {info['cpu_model']}; "
+        f"{args.runs} runs; {'SPELL_WORKERS=1' if args.worker == '1' else 'worker off'}; "
+        f"{info['cpus']} CPUs {info['cpu_model']}; "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     print(
@@ -333,9 +349,10 @@ async def main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     out = c.write_json(
-        "hot_account",
+        "hot_account" if args.worker == "1" else "hot_account_noworker",
         {
             "benchmark": "hot_account",
+            "worker": args.worker,
             "command": " ".join([".venv/bin/python", "bench/hot_account.py", *sys.argv[1:]]),
             "quick": args.quick,
             "runs": args.runs,
@@ -357,4 +374,10 @@ if __name__ == "__main__":
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--accepted", type=int, default=1200, help="casts the cap allows (full mode)")
     p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument(
+        "--worker",
+        choices=["1", "off"],
+        default="1",
+        help="off: the API alone (bench/_serve_noworker.py), no background hello runs",
+    )
     sys.exit(asyncio.run(main(p.parse_args())))
