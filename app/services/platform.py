@@ -127,6 +127,8 @@ class Platform:
         self._parsed: dict[tuple[str, str, str], ParsedSpell] = {}
         self._spells: dict[tuple[str, str | None], tuple[float, tuple[Spell, SpellVersion]]] = {}
         self._versions: dict[tuple[str, str], SpellVersion] = {}
+        #: verified bearer tokens → (caller, exp): see :meth:`authenticate`
+        self._tokens: dict[str, tuple[Caller, int]] = {}
 
     def parsed(self, version: SpellVersion) -> ParsedSpell:
         """The validated document of a stored version (immutable once published: cached)."""
@@ -173,7 +175,20 @@ class Platform:
         return token, exp
 
     def authenticate(self, token: str) -> Caller:
-        return tokens.verify(self.config.signing_key, token, now=self.clock.now())
+        """Verify a bearer token. Its signature is checked once per process (the exact token
+        string is cached with its claims); expiry is checked on every use."""
+        now = self.clock.now()
+        hit = self._tokens.get(token)
+        if hit is not None:
+            caller, exp = hit
+            if exp + tokens.LEEWAY_S < now.timestamp():
+                raise AppError("UNAUTHORIZED", "the token has expired; issue a new one")
+            return caller
+        caller = tokens.verify(self.config.signing_key, token, now=now)
+        if len(self._tokens) >= 4096:
+            self._tokens.clear()
+        self._tokens[token] = (caller, tokens.expiry(token))
+        return caller
 
     # ------------------------------------------------------------------ publishing
 

@@ -67,6 +67,18 @@ async def test_an_expired_token_is_401_saying_so(harness: Harness) -> None:
     assert "expired" in (await error_of(r))["message"]
 
 
+async def test_a_token_already_verified_still_expires(harness: Harness) -> None:
+    token = await harness.token("ACME", "caster", ttl=60)
+    r = await harness.client.get("/v1/billing/caps", headers=auth(token))
+    assert r.status == 200  # verified once and remembered by the process
+    clock = FrozenClock()
+    clock.advance(3600)
+    harness.platform.clock = clock
+    r = await harness.client.get("/v1/billing/caps", headers=auth(token))
+    assert r.status == 401
+    assert "expired" in (await error_of(r))["message"]
+
+
 async def test_a_missing_scope_is_403_naming_it(harness: Harness) -> None:
     maker = await harness.token("m", "maker")
     auditor = await harness.token("a", "auditor")
