@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from app.runner.fstree import MAX_OUTPUT_DEPTH, remove_tree, walk_folder
+
 __all__ = [
     "BundleError",
     "bundle_digest",
@@ -310,7 +312,7 @@ def extract_bundle(digest: str, bundles_dir: Path) -> Path:
             raise
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
     return final
 
 
@@ -348,7 +350,7 @@ def zip_output(out_dir: Path, dest_dir: Path) -> tuple[str, int, Path]:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 top = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
-                    _zip_folder(zf, top, "")
+                    _zip_folder(zf, top)
                 finally:
                     os.close(top)
             fh.flush()
@@ -366,22 +368,16 @@ def zip_output(out_dir: Path, dest_dir: Path) -> tuple[str, int, Path]:
     return f"sha256:{hasher.hexdigest()}", size, dest
 
 
-def _zip_folder(zf: zipfile.ZipFile, dir_fd: int, prefix: str) -> None:
-    for name in sorted(os.listdir(dir_fd)):
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        arcname = prefix + os.fsencode(name).decode("utf-8", errors="replace")
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if stat.S_ISDIR(st.st_mode):
-            sub = os.open(name, flags | os.O_DIRECTORY, dir_fd=dir_fd)
-            try:
-                _zip_folder(zf, sub, f"{arcname}/")
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            _zip_file(zf, os.open(name, flags | os.O_NONBLOCK, dir_fd=dir_fd), arcname)
+def _zip_folder(zf: zipfile.ZipFile, top_fd: int) -> None:
+    """Every regular file below ``top_fd``, by directory fd and without recursion; a tree
+    deeper than :data:`~app.runner.fstree.MAX_OUTPUT_DEPTH` raises ``TreeTooDeep``."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    for dir_fd, name, st, parents in walk_folder(top_fd, max_depth=MAX_OUTPUT_DEPTH):
+        if stat.S_ISREG(st.st_mode):
+            arcname = "/".join(
+                os.fsencode(part).decode("utf-8", errors="replace") for part in (*parents, name)
+            )
+            _zip_file(zf, os.open(name, flags, dir_fd=dir_fd), arcname)
 
 
 def _zip_file(zf: zipfile.ZipFile, fd: int, arcname: str) -> None:

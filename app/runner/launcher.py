@@ -53,6 +53,7 @@ _RLIMITS = {
     "cpu": resource.RLIMIT_CPU,
     "fsize": resource.RLIMIT_FSIZE,
     "nproc": resource.RLIMIT_NPROC,
+    "nofile": resource.RLIMIT_NOFILE,
     "core": resource.RLIMIT_CORE,
 }
 
@@ -75,7 +76,23 @@ def _fail_exec(argv0: str, exc: OSError) -> NoReturn:
     os._exit(1)
 
 
+def _default_signals() -> None:
+    """Give an exec'ed program the signal dispositions a cold run's program gets.
+
+    CPython ignores SIGPIPE and SIGXFSZ at start-up and an ignored signal stays ignored across
+    exec; a cold run is spawned with them at their defaults (``restore_signals``). Without this,
+    a program past ``RLIMIT_FSIZE`` would get EFBIG instead of dying of SIGXFSZ (exit 153).
+    """
+    import signal
+
+    for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
+    _default_signals()
     try:
         os.execvpe(argv[0], argv, env)  # noqa: S606 - what bwrap itself does in a cold run
     except OSError as exc:

@@ -52,9 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from app.runner.fstree import DIR_FLAGS, MAX_OUTPUT_DEPTH, remove_tree, walk_folder
 from app.runner.launcher import JOB_TAKEN, READY
 
 __all__ = [
+    "AdoptedInit",
     "Spawner",
     "UidBroker",
     "WarmPool",
@@ -68,8 +70,11 @@ __all__ = [
     "make_slot",
     "move_output",
     "namespace_inits",
+    "open_inits",
+    "pending_inits",
     "reap_adopted",
     "remove_stale_slots",
+    "when_done",
 ]
 
 log = logging.getLogger("spell.sandbox.pool")
@@ -86,6 +91,8 @@ SLOT_PREFIX = "w-"
 #: How long a sandbox may take to exit after its namespace's init was killed, or an idle one
 #: after its launcher was told to stop, before bwrap's process group is killed.
 KILL_GRACE_SEC = 1.0
+#: How long :meth:`WarmPool.aclose` waits for the runs of the sandboxes it killed to finish.
+CLOSE_WAIT_SEC = 15.0
 
 _MIB = 1024 * 1024
 
@@ -193,10 +200,13 @@ def remove_stale_slots(warm_dir: Path, prefix: str = SLOT_PREFIX) -> int:
             pid_s = entry.name[len(prefix) :].partition("-")[0]
             if not pid_s.isdigit() or int(pid_s) == os.getpid() or _pid_alive(int(pid_s)):
                 continue
-            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                    continue
+            except OSError:
                 continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
+            if remove_tree(entry.path):  # iterative, never raises: any depth, any path length
+                removed += 1
     return removed
 
 
@@ -280,41 +290,45 @@ def move_output(slot_out: Path, out_dir: Path) -> None:
 def copy_output(slot_out: Path, out_dir: Path) -> None:
     """Copy the spell's output into ``out_dir`` without ever following a link it planted.
 
-    Folders are walked by file descriptor, files opened ``O_NOFOLLOW | O_NONBLOCK`` and checked
-    to be regular; symlinks are recreated as symlinks; FIFOs, sockets and devices are left out.
+    Both trees are walked by file descriptor and without recursion (any path length; deeper
+    than :data:`~app.runner.fstree.MAX_OUTPUT_DEPTH` raises ``TreeTooDeep``), files opened
+    ``O_NOFOLLOW | O_NONBLOCK`` and checked to be regular; symlinks are recreated as symlinks;
+    FIFOs, sockets and devices are left out.
     """
-    top = os.open(slot_out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    top = os.open(slot_out, DIR_FLAGS)
+    dests: list[int] = []
     try:
-        _copy_folder(top, str(out_dir))
+        dests.append(os.open(out_dir, DIR_FLAGS))
+        _copy_folder(top, dests)
     finally:
+        for fd in dests:
+            os.close(fd)
         os.close(top)
 
 
-def _copy_folder(dir_fd: int, dest: str) -> None:
+def _copy_folder(top: int, dests: list[int]) -> None:
+    """``dests[i]`` is the destination folder at level i of the walk (``dests[0]``: the top)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    for name in os.listdir(dir_fd):
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        target = os.path.join(dest, name)
+    for dir_fd, name, st, parents in walk_folder(top, max_depth=MAX_OUTPUT_DEPTH):
+        while len(dests) > len(parents) + 1:
+            os.close(dests.pop())
+        dest = dests[-1]
         if stat.S_ISDIR(st.st_mode):
-            os.mkdir(target, 0o700)
-            sub = os.open(name, flags | os.O_DIRECTORY, dir_fd=dir_fd)
-            try:
-                _copy_folder(sub, target)
-            finally:
-                os.close(sub)
+            os.mkdir(name, 0o700, dir_fd=dest)
+            dests.append(os.open(name, DIR_FLAGS, dir_fd=dest))  # the walk enters it next
         elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=dir_fd), target)
+            os.symlink(os.readlink(name, dir_fd=dir_fd), name, dir_fd=dest)
         elif stat.S_ISREG(st.st_mode):
             fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as src:
                 if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
                     continue
-                with open(target, "xb") as dst:
+                out = os.open(
+                    name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o600, dir_fd=dest
+                )
+                with os.fdopen(out, "wb") as dst:
                     shutil.copyfileobj(src, dst, _MIB)
-                os.chmod(target, stat.S_IMODE(st.st_mode) & 0o755)
+                    os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode) & 0o755)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +357,7 @@ class WarmSandbox:
         self.state: State = "idle"
         self.job_sent = False
         #: its PID namespace's init, reaped here once the sandbox is gone (see become_reaper)
-        self.inits = namespace_inits(proc)
+        self.inits = open_inits(proc)
         self._disposed = False
 
     @property
@@ -408,6 +422,8 @@ class WarmPool:
         #: taken and not yet discarded: their replacements spawn once their run is over, so a
         #: spawn does not compete with the run for the CPU
         self._in_use: set[WarmSandbox] = set()
+        #: set by :meth:`aclose` once the last run of a killed sandbox is over
+        self._drained: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -431,7 +447,11 @@ class WarmPool:
     def start(self) -> None:
         """Bind to the running loop and start spawning."""
         self._loop = asyncio.get_running_loop()
-        removed = remove_stale_slots(self.warm_dir)
+        try:
+            removed = remove_stale_slots(self.warm_dir)
+        except Exception:  # a bad leftover must never stop the server
+            log.exception("could not remove stale warm sandbox folders from %s", self.warm_dir)
+            removed = 0
         if removed:
             log.info("removed %d stale warm sandbox folders from %s", removed, self.warm_dir)
         self._uids.on_release = self._kick
@@ -495,6 +515,11 @@ class WarmPool:
         for task in list(self._tasks):
             if not task.done() and task.get_name().startswith("warm-spawn"):
                 task.cancel()
+        # runs of killed sandboxes still move their output out of the slot before discarding
+        if self._in_use:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), CLOSE_WAIT_SEC)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -554,9 +579,9 @@ class WarmPool:
             await asyncio.wait_for(_await_ready(proc), READY_TIMEOUT_SEC)
         except BaseException as exc:
             self._spawning[profile] -= 1
-            inits: list[int] = []
+            inits: list[AdoptedInit] = []
             if proc is not None:
-                inits = namespace_inits(proc)
+                inits = open_inits(proc)
                 kill_sandbox(proc)
             self._task(self._cleanup(proc, slot, uid, inits=inits), "warm-cleanup")
             if isinstance(exc, Exception):
@@ -621,6 +646,8 @@ class WarmPool:
         )
         if warm in self._in_use:
             self._in_use.discard(warm)
+            if not self._in_use and self._drained is not None:
+                self._drained.set()
             self._kick()  # its replacement
 
     async def _cleanup(
@@ -630,23 +657,29 @@ class WarmPool:
         uid: int,
         *,
         warm: WarmSandbox | None = None,
-        inits: Sequence[int] = (),
+        inits: Sequence[AdoptedInit] = (),
     ) -> None:
+        reaped: list[asyncio.Future[None] | None] = []
         try:
             if proc is not None:
                 try:  # an idle launcher exits on end of input; a killed sandbox goes anyway
                     await asyncio.wait_for(asyncio.shield(proc.wait()), KILL_GRACE_SEC)
                 except TimeoutError:
                     kill_sandbox(proc)
-                await proc.wait()  # every process of the sandbox is gone once bwrap is
-                for pid in inits:
-                    reap_adopted(pid)
+                await proc.wait()
+                # bwrap's monitor is gone, its namespace's init may not be: kill it (and with it
+                # anything the run left behind), reap it however long that takes
+                for init in inits:
+                    init.kill()
+                reaped = [init.reaped() for init in inits]
+                await asyncio.gather(*[f for f in reaped if f is not None])
             if slot is not None:
-                await asyncio.to_thread(shutil.rmtree, slot, True)
+                await asyncio.to_thread(remove_tree, slot)
         finally:
             if warm is not None:
                 self._all.discard(warm)
-            self._uids.release(uid)
+            # the uid is free only once none of its processes (zombies included) is left
+            when_done(reaped, functools.partial(self._uids.release, uid))
 
 
 async def _await_ready(proc: asyncio.subprocess.Process) -> None:
@@ -695,22 +728,115 @@ def become_reaper() -> bool:
         return False
 
 
-def reap_adopted(pid: int, tries: int = 40) -> None:
-    """Reap ``pid`` (a sandbox's namespace init, after bwrap's monitor exited) if this process
-    adopted it; retry briefly while it is still exiting. Any other process is left alone: one
-    that is not our child, or already reaped by its own parent."""
-    try:
-        state, ppid = _state_and_parent(pid)
-    except (OSError, ValueError, IndexError):
-        return  # gone
-    if ppid != os.getpid():
+class AdoptedInit:
+    """A sandbox's PID-namespace init, held by pidfd: killed and reaped without ever acting on
+    a recycled pid, and reaped however long it takes to die (no retry limit).
+
+    Open it (:meth:`open`) while it is known to be the right process: a child of bwrap's live
+    monitor, or already adopted by this process. Until reaped it stays in :data:`_PENDING`
+    with its pidfd registered with the event loop (a pidfd turns readable when the process
+    exits), so a slow death still ends in a ``waitid`` here rather than a zombie that counts
+    against the sandbox uid's ``RLIMIT_NPROC``.
+    """
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self._fd = pidfd
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def open(cls, pid: int, parent: int) -> AdoptedInit | None:
+        """``pid`` by pidfd if its parent is ``parent`` once the pidfd is open (so the pidfd is
+        that process, not a later one with a recycled pid); None otherwise or without pidfds."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return None
+        try:
+            _, ppid = _state_and_parent(pid)
+        except (OSError, ValueError, IndexError):
+            ppid = -1
+        if ppid != parent:
+            os.close(fd)
+            return None
+        return cls(pid, fd)
+
+    def kill(self) -> None:
+        """SIGKILL it (the kernel then kills everything in its namespace); never another."""
+        if self._fd >= 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+
+    def reaped(self) -> asyncio.Future[None]:
+        """Done once it was reaped here, or turned out not to be this process's child (then
+        whoever adopted it reaps it)."""
+        if self._done is None:
+            self._loop = asyncio.get_running_loop()
+            self._done = self._loop.create_future()
+            if not self._try_reap():
+                _PENDING.add(self)
+                self._loop.add_reader(self._fd, self._on_readable)
+        return self._done
+
+    def _on_readable(self) -> None:
+        if self._try_reap():
+            _PENDING.discard(self)
+
+    def _try_reap(self) -> bool:
+        if self._fd < 0:
+            return True
+        try:
+            if os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG) is None:
+                return False  # still alive (or not yet a zombie)
+        except ChildProcessError:
+            pass  # not our child: its own parent (or the host's init) reaps it
+        except OSError as exc:
+            log.warning("cannot wait for sandbox init %d: %s", self.pid, exc)
+        if self._loop is not None and self in _PENDING:
+            self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+        return True
+
+
+#: Adopted inits not reaped yet (see :class:`AdoptedInit`).
+_PENDING: set[AdoptedInit] = set()
+
+
+def pending_inits() -> int:
+    """How many adopted sandbox inits are still waiting to be reaped (for tests, metrics)."""
+    return len(_PENDING)
+
+
+def reap_adopted(pid: int) -> asyncio.Future[None] | None:
+    """Reap ``pid`` (a sandbox's namespace init, after bwrap's monitor exited) once it is gone,
+    if this process adopted it; no time limit. Any other process is left alone: one that is
+    not our child, or already reaped by its own parent. None when there is nothing to wait for.
+    """
+    init = AdoptedInit.open(pid, os.getpid())
+    return None if init is None else init.reaped()
+
+
+def open_inits(proc: asyncio.subprocess.Process) -> list[AdoptedInit]:
+    """The namespace init(s) of bwrap's live monitor ``proc``, by pidfd."""
+    found = []
+    for pid in namespace_inits(proc):
+        init = AdoptedInit.open(pid, proc.pid)
+        if init is not None:
+            found.append(init)
+    return found
+
+
+def when_done(futures: Sequence[asyncio.Future[None] | None], then: Callable[[], None]) -> None:
+    """Call ``then`` now if every future is done (or None), else once they all are."""
+    waiting = [f for f in futures if f is not None and not f.done()]
+    if not waiting:
+        then()
         return
-    if state in ("Z", "X"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return
-    if tries > 0:
-        asyncio.get_running_loop().call_later(0.05, reap_adopted, pid, tries - 1)
+    asyncio.gather(*waiting, return_exceptions=True).add_done_callback(lambda _: then())
 
 
 def _state_and_parent(pid: int) -> tuple[str, int]:

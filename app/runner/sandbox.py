@@ -13,7 +13,8 @@ The recipe (measured in ``FACTS.md`` § Sandbox):
   limited tmpfs at ``/tmp`` and ``/dev/shm``; the bundle read-only at ``/spell`` (the cwd), the
   input read-only at ``/tmp/input.json`` and the output folder read-write at ``/tmp/out``. ``/``
   and ``/dev`` are remounted read-only at the end, so nothing else is writable.
-* rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``CORE=0``) are set by ``prlimit``, the first
+* rlimits (``AS``, ``CPU``, ``FSIZE``, ``NPROC``, ``NOFILE`` = :data:`MAX_OPEN_FILES`,
+  ``CORE=0``) are set by ``prlimit``, the first
   program of the command (it execs setpriv, which execs bwrap), and inherited by everything
   inside. No ``preexec_fn``: the spawn is a vfork + exec that does not hold up the event loop.
   Options (env values included) reach bwrap through ``--args FD``, so they never show up in the
@@ -24,7 +25,14 @@ The recipe (measured in ``FACTS.md`` § Sandbox):
 * A sandbox is killed from the inside out (:func:`app.runner.pool.kill_sandbox`: its PID
   namespace's init, so the kernel kills everything in it). The namespace init that bwrap's
   monitor leaves unreaped when it exits is adopted and reaped by this process
-  (:func:`app.runner.pool.become_reaper`), so no zombie of the sandbox uid piles up.
+  (:func:`app.runner.pool.become_reaper`), so no zombie of the sandbox uid piles up. Once the
+  monitor has exited, that init is killed by pidfd (with whatever the run left running) and
+  waited for before the output is measured and moved; it is reaped however long it takes to
+  die (:class:`app.runner.pool.AdoptedInit`), and the run's uid is released only after that.
+* The output folder is measured by directory fd without recursion
+  (:mod:`app.runner.fstree`): nesting past ``PATH_MAX`` is still counted, and a tree deeper
+  than :data:`MAX_OUTPUT_DEPTH` levels or one that cannot be read is over the cap (fail
+  closed).
 * Warm pool (``warm`` > 0, :mod:`app.runner.pool`): the same sandboxes, spawned before a run
   needs one, built from the same :meth:`BwrapSandbox._options`; see :class:`BwrapSandbox`.
 
@@ -32,10 +40,12 @@ Outcome classification (first match wins):
 
 ``timeout``           the wall clock passed ``timeout_sec``; the sandbox was killed.
 ``output_too_large``  the watchdog saw ``out_dir`` grow past ``max_output_bytes`` (or past
-                      :data:`MAX_OUTPUT_ENTRIES` entries) and killed it, or the total after exit
-                      is over the cap; or a non-zero exit after ``RLIMIT_FSIZE`` hit: ``SIGXFSZ``
-                      (exit 153), ``File too large`` (EFBIG) in the stderr tail (Python ignores
-                      SIGXFSZ) or the output folder exactly at the cap.
+                      :data:`MAX_OUTPUT_ENTRIES` entries, or deeper than
+                      :data:`MAX_OUTPUT_DEPTH`, or unreadable) and killed it, or the total
+                      after exit is over the cap (or cannot be measured); or a non-zero exit
+                      after ``RLIMIT_FSIZE`` hit: ``SIGXFSZ`` (exit 153), ``File too large``
+                      (EFBIG) in the stderr tail (Python ignores SIGXFSZ) or the output folder
+                      exactly at the cap.
 ``ok``                exit status 0 (and output within the cap).
 ``cpu``               ``SIGXCPU`` (exit 152): ``RLIMIT_CPU`` reached.
 ``memory``            non-zero exit and the stderr tail shows an allocation failure
@@ -52,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -69,8 +80,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from app.runner.fstree import MAX_OUTPUT_DEPTH, remove_tree, tree_usage
 from app.runner.pool import (
     WARM_MAX_CPU_SEC,
+    AdoptedInit,
     UidBroker,
     WarmPool,
     WarmProfile,
@@ -81,8 +94,8 @@ from app.runner.pool import (
     kill_sandbox,
     launcher_source,
     move_output,
-    reap_adopted,
     remove_stale_slots,
+    when_done,
 )
 
 __all__ = [
@@ -96,6 +109,7 @@ __all__ = [
     "SandboxUnavailable",
     "UnsafeSubprocessSandbox",
     "detect_sandbox",
+    "process_budget_error",
     "seccomp_program",
     "warm_profile_of",
 ]
@@ -122,6 +136,13 @@ WATCHDOG_INTERVAL_SEC = 0.15
 #: Entries (files, folders, links) allowed in ``out_dir``; RLIMIT_FSIZE caps bytes per file,
 #: this caps inode exhaustion with millions of empty files.
 MAX_OUTPUT_ENTRIES = 10_000
+#: ``RLIMIT_NOFILE`` of a spell (soft and hard), cold and warm: without it a spell inherits the
+#: server's (tens of thousands) and could hold that many deleted-but-open files of
+#: ``RLIMIT_FSIZE`` bytes each, which no output count sees.
+MAX_OPEN_FILES = 256
+#: How long a run waits for its killed namespace init to be reaped before it measures the
+#: output anyway (the reaping itself goes on; the uid is released only after it).
+INIT_EXIT_GRACE_SEC = 5.0
 #: How long to wait for the output pipes to close once the process has gone.
 PIPE_DRAIN_SEC = 5.0
 
@@ -239,6 +260,7 @@ class _Limits:
     cpu_sec: int
     file_size: int
     procs: int
+    files: int = MAX_OPEN_FILES
 
     @classmethod
     def of(cls, spec: SandboxSpec) -> _Limits:
@@ -264,6 +286,7 @@ class _Limits:
             f"--cpu={self.cpu_sec}:{self.cpu_sec + 1}",
             f"--fsize={self.file_size}",
             f"--nproc={self.procs}",
+            f"--nofile={self.files}",
             "--core=0",
             "--",
         ]
@@ -275,6 +298,7 @@ class _Limits:
             "cpu": [self.cpu_sec, self.cpu_sec + 1],
             "fsize": [self.file_size, self.file_size],
             "nproc": [self.procs, self.procs],
+            "nofile": [self.files, self.files],
             "core": [0, 0],
         }
 
@@ -339,31 +363,21 @@ class _StreamCollector:
             self._on_line = None
 
 
-def _output_usage(out_dir: Path, max_entries: int) -> tuple[int, int]:
-    """(bytes in regular files, entries) under ``out_dir``; never follows symlinks.
+def _output_usage(out_dir: Path, *, strict: bool = True) -> tuple[int, int] | None:
+    """(bytes in regular files, entries) under ``out_dir``, or None when it cannot be measured.
 
-    Stops counting once ``max_entries`` is passed (the caller only needs to know it is over).
+    Walks by directory fd, iteratively (:func:`app.runner.fstree.tree_usage`): a tree nested
+    past ``PATH_MAX`` is still counted. Fail closed: a tree deeper than
+    :data:`MAX_OUTPUT_DEPTH`, or any part of it that cannot be read, gives None, which the
+    caller treats as over the cap. Stops counting past :data:`MAX_OUTPUT_ENTRIES` entries.
     """
-    total = 0
-    entries = 0
-    stack = [str(out_dir)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as it:
-                for entry in it:
-                    entries += 1
-                    if entries > max_entries:
-                        return total, entries
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif entry.is_file(follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        continue
-        except OSError:
-            continue
-    return total, entries
+    try:
+        return tree_usage(
+            out_dir, max_entries=MAX_OUTPUT_ENTRIES, max_depth=MAX_OUTPUT_DEPTH, strict=strict
+        )
+    except OSError as exc:
+        log.warning("output folder %s cannot be measured (%s): over the cap", out_dir, exc)
+        return None
 
 
 def _killpg(pgid: int) -> None:
@@ -426,6 +440,8 @@ class _RawRun:
     output_entries: int
     stdout_tail: str
     stderr_tail: str
+    #: the output folder could not be walked (too deep, unreadable): over the cap, fail closed
+    output_unmeasurable: bool = False
 
 
 async def _spawn(
@@ -460,6 +476,7 @@ async def _supervise(
     pass_fds: Sequence[int],
     on_line: LineCallback | None,
     reap_group_after_exit: bool,
+    after_exit: Callable[[], Awaitable[None]] | None = None,
 ) -> _RawRun:
     """Spawn ``cmd`` (already wrapped in ``prlimit``) and watch it until it is gone."""
     started = time.monotonic()
@@ -471,6 +488,7 @@ async def _supervise(
         started=started,
         on_line=on_line,
         reap_group_after_exit=reap_group_after_exit,
+        after_exit=after_exit,
     )
 
 
@@ -482,8 +500,12 @@ async def _watch(
     started: float,
     on_line: LineCallback | None,
     reap_group_after_exit: bool,
+    after_exit: Callable[[], Awaitable[None]] | None = None,
 ) -> _RawRun:
-    """Stream the output, enforce the wall clock and the output cap, reap; kill on cancel."""
+    """Stream the output, enforce the wall clock and the output cap, reap; kill on cancel.
+
+    ``after_exit`` runs once ``proc`` has exited, before the output is measured (the sandbox
+    kills what its namespace's init left running there, so nothing writes any more)."""
     budget = _LineBudget(MAX_STREAMED_LINES)
     collectors = (
         _StreamCollector("stdout", on_line, budget),
@@ -514,6 +536,8 @@ async def _watch(
             kill()
         returncode = await waiter
         duration_ms = int((time.monotonic() - started) * 1000)
+        if after_exit is not None:
+            await after_exit()
         if reap_group_after_exit:
             # Without a PID namespace, children that outlive the leader keep the group (and the
             # pipes) alive. Safe: a group id cannot be reused while a member lives.
@@ -532,13 +556,15 @@ async def _watch(
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, watchdog, return_exceptions=True)
-    output_bytes, entries = _output_usage(out_dir, MAX_OUTPUT_ENTRIES)
+    usage = await asyncio.to_thread(_output_usage, out_dir)
+    output_bytes, entries = usage if usage is not None else (0, 0)
     return _RawRun(
         returncode=returncode,
         killed_for=killed_for,
         duration_ms=duration_ms,
         output_bytes=output_bytes,
         output_entries=entries,
+        output_unmeasurable=usage is None,
         stdout_tail=collectors[0].tail,
         stderr_tail=collectors[1].tail,
     )
@@ -548,8 +574,8 @@ async def _watch_output(out_dir: Path, max_bytes: int) -> None:
     """Return as soon as ``out_dir`` is over the byte or entry cap; poll otherwise."""
     while True:
         await asyncio.sleep(WATCHDOG_INTERVAL_SEC)
-        size, entries = _output_usage(out_dir, MAX_OUTPUT_ENTRIES)
-        if size > max_bytes or entries > MAX_OUTPUT_ENTRIES:
+        usage = await asyncio.to_thread(_output_usage, out_dir, strict=False)
+        if usage is None or usage[0] > max_bytes or usage[1] > MAX_OUTPUT_ENTRIES:
             return
 
 
@@ -559,7 +585,11 @@ def _classify(raw: _RawRun, spec: SandboxSpec) -> SandboxResult:
     outcome: Outcome
     if raw.killed_for is not None:
         outcome, code = raw.killed_for, None
-    elif raw.output_bytes > spec.max_output_bytes or raw.output_entries > MAX_OUTPUT_ENTRIES:
+    elif (
+        raw.output_unmeasurable
+        or raw.output_bytes > spec.max_output_bytes
+        or raw.output_entries > MAX_OUTPUT_ENTRIES
+    ):
         outcome = "output_too_large"
     elif raw.returncode == 0:
         outcome = "ok"
@@ -785,7 +815,7 @@ class BwrapSandbox:
                         f"{result.stderr_tail.strip()}"
                     )
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                await asyncio.to_thread(remove_tree, work)
             self._probed = True
             log.info("sandbox probe passed (bwrap, uid %s)", self._uid)
             self._start_pool()
@@ -796,7 +826,7 @@ class BwrapSandbox:
         if pool is not None:
             await pool.aclose()
         if self._warm_dir_owned and self._warm_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._warm_dir, True)
+            await asyncio.to_thread(remove_tree, self._warm_dir)
 
     async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
         """Run ``spec`` in the sandbox: a warm one when the pool has one for it, else cold.
@@ -823,10 +853,12 @@ class BwrapSandbox:
             if uid is not None:
                 break
             await self._uids.changed()  # a uid came back or a warm sandbox got ready
+        reaped: list[asyncio.Future[None] | None] = []
         try:
-            return await self._run(spec, on_line, uid)
+            return await self._run(spec, on_line, uid, reaped)
         finally:
-            self._uids.release(uid)  # every process of the run is gone by now
+            # free once every process of the run is gone, its namespace init reaped included
+            when_done(reaped, functools.partial(self._uids.release, uid))
 
     # -- the warm pool ------------------------------------------------------------------------
 
@@ -835,23 +867,27 @@ class BwrapSandbox:
             return
         try:
             warm_dir = self._prepare_warm_dir()
-        except (OSError, ValueError) as exc:
-            log.error("warm sandbox pool disabled, every run starts cold: %s", exc)
+            pool = WarmPool(
+                size=self._warm,
+                warm_dir=warm_dir,
+                spawner=self._spawn_warm,
+                uids=self._uids,
+                initial=self._warm_profile,
+            )
+            pool.start()
+        except Exception as exc:  # never stop the server: runs start cold
+            log.exception("warm sandbox pool disabled, every run starts cold: %s", exc)
             return
-        self._pool = WarmPool(
-            size=self._warm,
-            warm_dir=warm_dir,
-            spawner=self._spawn_warm,
-            uids=self._uids,
-            initial=self._warm_profile,
-        )
-        self._pool.start()
+        self._pool = pool
         log.info("warm sandbox pool started: %d sandboxes, folders in %s", self._warm, warm_dir)
 
     def _prepare_warm_dir(self) -> Path:
         if self._warm_dir is None:
             tmp = Path(tempfile.gettempdir())
-            remove_stale_slots(tmp, prefix="spell-warm-")  # of crashed processes
+            try:  # of crashed processes; a bad leftover must never stop the server
+                remove_stale_slots(tmp, prefix="spell-warm-")
+            except Exception:
+                log.exception("could not remove stale warm sandbox folders from %s", tmp)
             self._warm_dir = tmp / f"spell-warm-{os.getpid()}"
             self._warm_dir_owned = True
         warm_dir = self._warm_dir
@@ -955,6 +991,12 @@ class BwrapSandbox:
                 if self._pool is not None:
                     self._pool.stats["dead_on_dispatch"] += 1
                 return None
+
+            async def finish_init() -> None:
+                for init in warm.inits:
+                    init.kill()
+                await _settle_inits([init.reaped() for init in warm.inits])
+
             raw = await _watch(
                 warm.proc,
                 spec=spec,
@@ -962,6 +1004,7 @@ class BwrapSandbox:
                 started=started,
                 on_line=on_line,
                 reap_group_after_exit=False,
+                after_exit=finish_init,
             )
             try:
                 move_output(warm.out_dir, out_dir)
@@ -1049,8 +1092,17 @@ class BwrapSandbox:
         return opts
 
     async def _run(
-        self, spec: SandboxSpec, on_line: LineCallback | None, uid: int
+        self,
+        spec: SandboxSpec,
+        on_line: LineCallback | None,
+        uid: int,
+        reaped: list[asyncio.Future[None] | None] | None = None,
     ) -> SandboxResult:
+        """A cold run. ``reaped`` receives the futures of the namespace init's reaping: the
+        run's uid is free only once they are done."""
+        if reaped is None:
+            reaped = []
+        statuses: dict[str, object] | None = None
         limits = _Limits.of(spec)
         prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
         paths = _prepare_paths(spec, uid if _running_as_root() else None)
@@ -1073,6 +1125,14 @@ class BwrapSandbox:
             )
             _write_args(args_fd, options)
             cmd = [*prefix, "--args", str(args_fd), "--", *spec.argv]
+
+            async def finish_init() -> None:
+                # bwrap's monitor has exited: everything it will write is in the pipe
+                nonlocal statuses
+                statuses = _read_json_status(status_read)
+                reaped.append(_kill_init(statuses))
+                await _settle_inits(reaped)
+
             raw = await _supervise(
                 cmd,
                 spec=spec,
@@ -1082,16 +1142,15 @@ class BwrapSandbox:
                 pass_fds=fds[1:],
                 on_line=on_line,
                 reap_group_after_exit=False,
+                after_exit=finish_init,
             )
-            os.close(status_write)
-            fds.remove(status_write)
-            statuses = _read_json_status(status_read)
         finally:
+            if statuses is None:  # cancelled or failed: still kill and reap its init
+                with contextlib.suppress(Exception):
+                    reaped.append(_kill_init(_read_json_status(status_read)))
             for fd in fds:
                 os.close(fd)
-        init_pid = statuses.get("child-pid")
-        if isinstance(init_pid, int):
-            reap_adopted(init_pid)
+        assert statuses is not None
         if (
             raw.killed_for is None
             and raw.returncode > 0
@@ -1115,6 +1174,34 @@ class BwrapSandbox:
                 self._warned_seccomp = True
             return None
         return _memfd("bwrap-seccomp", program)
+
+
+def _kill_init(statuses: Mapping[str, object]) -> asyncio.Future[None] | None:
+    """Kill the namespace init bwrap reported (``child-pid``), if this process adopted it
+    (bwrap's monitor has exited), and return the future of its reaping."""
+    pid = statuses.get("child-pid")
+    if not isinstance(pid, int):
+        return None
+    init = AdoptedInit.open(pid, os.getpid())
+    if init is None:
+        return None
+    init.kill()
+    return init.reaped()
+
+
+async def _settle_inits(reaped: Sequence[asyncio.Future[None] | None]) -> None:
+    """Wait (a bounded time) until the killed inits are reaped: then nothing of the run can
+    still write to its output. Their reaping goes on in the background after that."""
+    waiting = [f for f in reaped if f is not None and not f.done()]
+    if not waiting:
+        return
+    _, pending = await asyncio.wait(
+        [asyncio.ensure_future(asyncio.shield(f)) for f in waiting], timeout=INIT_EXIT_GRACE_SEC
+    )
+    if pending:
+        log.warning("a sandbox's namespace init is still exiting after %.0f s", INIT_EXIT_GRACE_SEC)
+        for task in pending:
+            task.cancel()
 
 
 def _exec_failed(stderr_tail: str, argv0: str) -> bool:
@@ -1288,7 +1375,7 @@ class UnsafeSubprocessSandbox:
                 reap_group_after_exit=True,
             )
         finally:
-            shutil.rmtree(home, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, home)
         return _classify(raw, spec)
 
 
@@ -1298,6 +1385,34 @@ def _rewrite_spell_path(arg: str, bundle_dir: Path) -> str:
     if arg.startswith(SPELL_DIR + "/"):
         return str(bundle_dir) + arg[len(SPELL_DIR) :]
     return arg
+
+
+#: Processes one sandbox keeps of its uid besides what the spell starts: bwrap's monitor, the
+#: namespace's init, the spell (or the idle launcher).
+PROCS_PER_SANDBOX = 3
+
+
+def process_budget_error(
+    *, warm: int, workers: int, uid_pool: Sequence[int], max_procs: int = 64
+) -> str | None:
+    """Why these settings would starve spells of processes, or None when they are fine.
+
+    Without a uid pool every sandbox (idle warm ones and running ones) shares one uid, whose
+    ``RLIMIT_NPROC`` (``max_procs``) counts all of their processes: their fixed
+    :data:`PROCS_PER_SANDBOX` each must stay within half of it, leaving the rest to the spells.
+    Call at start-up and refuse to start on a message.
+    """
+    if uid_pool:
+        return None
+    fixed = PROCS_PER_SANDBOX * (warm + workers)
+    if fixed <= max_procs // 2:
+        return None
+    return (
+        f"SPELL_SANDBOX_WARM ({warm}) + SPELL_WORKERS ({workers}) sandboxes keep {fixed} "
+        f"processes of the one sandbox uid, over half of its process limit ({max_procs}): "
+        f"spells would fail to start. Lower them (at most {max_procs // 2 // PROCS_PER_SANDBOX} "
+        "in all) or set SPELL_SANDBOX_UID_POOL (one uid per sandbox)"
+    )
 
 
 def detect_sandbox(

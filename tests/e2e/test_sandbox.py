@@ -611,3 +611,87 @@ async def test_unsafe_mode_keeps_limits_and_warns_loudly(
     assert any("UNSAFE" in r.getMessage() for r in caplog.records)
     slow = await unsafe.run(ws.spec("import time; time.sleep(60)", timeout_sec=0.5))
     assert slow.outcome == "timeout"
+
+
+# --- output measured by directory fd, fail closed; spell rlimits and signals ----------------
+
+_NEST_PAST_PATH_MAX = """
+    import os
+    os.chdir(os.environ["SPELL_OUT"])
+    for i in range(20):  # 20 x 256 bytes of path: far past PATH_MAX (4096) from the host
+        name = f"{i:02d}" + "n" * 253
+        os.mkdir(name)
+        os.chdir(name)
+    for i in range(4):  # 4 x 512 KiB: each under RLIMIT_FSIZE (1 MiB), 2 MiB in all
+        with open(f"part{i}", "wb") as f:
+            f.write(b"x" * 512 * 1024)
+"""
+
+
+async def test_output_nested_past_path_max_is_still_counted(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    result = await sandbox.run(ws.spec(_NEST_PAST_PATH_MAX, max_output_bytes=1024 * 1024))
+    assert result.outcome == "output_too_large", result
+
+
+async def test_output_nested_deeper_than_the_limit_is_output_too_large(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    code = """
+        import os
+        os.chdir(os.environ["SPELL_OUT"])
+        for _ in range(70):  # MAX_OUTPUT_DEPTH is 64
+            os.mkdir("d")
+            os.chdir("d")
+        with open("f", "w") as f:
+            f.write("tiny")
+    """
+    result = await sandbox.run(ws.spec(code))
+    assert result.outcome == "output_too_large", result
+
+
+async def test_output_within_the_depth_limit_is_fine(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    code = """
+        import os
+        os.chdir(os.environ["SPELL_OUT"])
+        for _ in range(60):
+            os.mkdir("d")
+            os.chdir("d")
+        with open("f", "w") as f:
+            f.write("tiny")
+    """
+    result = await sandbox.run(ws.spec(code))
+    assert result.outcome == "ok", result
+    assert result.output_bytes == 4
+
+
+async def test_open_files_are_limited(sandbox: BwrapSandbox | WarmOnly, ws: Workspace) -> None:
+    code = """
+        import json, resource
+        print(json.dumps(resource.getrlimit(resource.RLIMIT_NOFILE)))
+    """
+    result = await sandbox.run(ws.spec(code))
+    assert result.outcome == "ok", result
+    assert json.loads(result.stdout_tail.strip().splitlines()[-1]) == [256, 256]
+
+
+async def test_an_exec_d_program_gets_default_sigpipe_and_sigxfsz(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    result = await sandbox.run(ws.spec("", argv=["/usr/bin/grep", "SigIgn", "/proc/self/status"]))
+    assert result.outcome == "ok", result
+    ignored = int(result.stdout_tail.split()[-1], 16)
+    for sig in (13, 25):  # SIGPIPE, SIGXFSZ
+        assert not ignored & (1 << (sig - 1)), hex(ignored)
+
+
+async def test_a_program_past_rlimit_fsize_dies_of_sigxfsz(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    argv = ["/bin/sh", "-c", 'exec head -c 2000000 /dev/zero > "$SPELL_OUT/big"']
+    result = await sandbox.run(ws.spec("", argv=argv, max_output_bytes=1024 * 1024))
+    assert result.outcome == "output_too_large", result
+    assert result.exit_code == 153, result

@@ -92,6 +92,7 @@ def test_the_job_carries_the_cold_environment_and_limits() -> None:
         "cpu": [11, 12],
         "fsize": [1000, 1000],
         "nproc": [64, 64],
+        "nofile": [256, 256],
         "core": [0, 0],
     }
 
@@ -104,6 +105,7 @@ def test_prlimit_sets_the_same_limits_as_the_launcher() -> None:
         "--cpu=11:12",
         "--fsize=1000",
         "--nproc=64",
+        "--nofile=256",
         "--core=0",
         "--",
     ]
@@ -222,3 +224,18 @@ def test_copying_the_output_never_follows_or_opens_what_the_spell_planted(
     assert (dest / "big").stat().st_size == 3_000_000
     assert os.readlink(dest / "link") == "/etc/passwd"
     assert not (dest / "fifo").exists()
+
+
+def test_settings_that_starve_the_shared_uid_of_processes_are_refused() -> None:
+    from app.runner.sandbox import process_budget_error
+
+    assert process_budget_error(warm=2, workers=2, uid_pool=()) is None  # the defaults
+    assert process_budget_error(warm=5, workers=5, uid_pool=()) is None  # 30 <= 32
+    msg = process_budget_error(warm=20, workers=4, uid_pool=())
+    assert msg is not None and "SPELL_SANDBOX_UID_POOL" in msg
+    assert process_budget_error(warm=20, workers=4, uid_pool=range(200000, 200064)) is None
+
+
+def test_the_launcher_restores_default_signals_before_exec() -> None:
+    source = launcher_source()
+    assert "_default_signals()" in source.split("def _exec(", 1)[1].split("os.execvpe", 1)[0]
