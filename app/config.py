@@ -96,10 +96,17 @@ class Settings(BaseSettings):
     )
     workers: int = Field(
         default=2,
-        ge=1,
+        ge=0,
         le=64,
         validation_alias="SPELL_WORKERS",
-        description="Concurrent sandboxed runs in one process.",
+        description="Concurrent sandboxed runs in one process (`spell serve`'s embedded worker, "
+        "and the default of `spell worker --concurrency`); 0: `spell serve` runs no casts.",
+    )
+    serve_runs: bool | None = Field(
+        default=None,
+        validation_alias="SPELL_SERVE_RUNS",
+        description="Whether `spell serve` runs casts itself. Unset: yes without NATS_URL, no with "
+        "it (casts are run by `spell worker` processes).",
     )
     unsafe_no_sandbox: bool = Field(
         default=False,
@@ -116,6 +123,14 @@ class Settings(BaseSettings):
         validation_alias="SPELL_SANDBOX_UID_POOL",
         description="Host uids for concurrent sandboxes, e.g. 200000-200063 (one per run).",
         pattern=r"^(\d+-\d+)?$",
+    )
+    db_hot_pool: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        validation_alias="SPELL_DB_HOT_POOL",
+        description="PostgreSQL connections per process for the ledger's hot paths (casts, "
+        "runs, webhook inbox), all opened at start-up; about 2 per database CPU core.",
     )
     sandbox_warm: int = Field(
         default=2,
@@ -134,6 +149,32 @@ class Settings(BaseSettings):
         "is queued again.",
     )
     log_level: str = Field(default="INFO", validation_alias="SPELL_LOG_LEVEL")
+
+    # --- NATS JetStream (off until NATS_URL is set: the in-process queue) ---------------------
+    nats_url: str | None = Field(
+        default=None,
+        validation_alias="NATS_URL",
+        description="NATS server(s) with JetStream, e.g. nats://127.0.0.1:4222 (comma-separated "
+        "for a cluster). Unset: the in-process queue (one process).",
+    )
+    nats_creds: Path | None = Field(
+        default=None,
+        validation_alias="NATS_CREDS",
+        description="NATS credentials file (.creds: user JWT + NKey seed).",
+    )
+    nats_namespace: str = Field(
+        default="",
+        pattern=r"^[a-z0-9_]{0,32}$",
+        validation_alias="SPELL_NATS_NAMESPACE",
+        description="Prefix of stream names and subjects, so several platforms share one NATS.",
+    )
+    max_deliver: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        validation_alias="SPELL_MAX_DELIVER",
+        description="Deliveries of a run request before it is dead-lettered and its cast fails.",
+    )
 
     # --- GitHub App (off until configured; `spell app create` writes these) -----------------
     github_app_id: str | None = Field(
@@ -194,6 +235,18 @@ class Settings(BaseSettings):
         validation_alias="STRIPE_API_BASE",
         description="Stripe API base URL (tests and local mocks override it).",
     )
+    stripe_plans: str | None = Field(
+        default=None,
+        validation_alias="SPELL_STRIPE_PLANS",
+        description='Subscription plans for `spell plan subscribe`: JSON {"PLAN": {"base": '
+        '"price_…", "metered": ["price_…", …]}} (Stripe price ids).',
+    )
+    billing_reconcile_interval: int = Field(
+        default=3600,
+        ge=0,
+        validation_alias="SPELL_BILLING_RECONCILE_INTERVAL",
+        description="Seconds between the worker's scheduled reconciliations with Stripe (0: off).",
+    )
     idempotency_ttl: int = Field(
         default=24 * 3600,
         ge=60,
@@ -201,7 +254,14 @@ class Settings(BaseSettings):
         description="Seconds an Idempotency-Key and its stored response are kept.",
     )
 
-    @field_validator("default_monthly_cap_cents", "default_total_cap_cents", mode="before")
+    @field_validator(
+        "default_monthly_cap_cents",
+        "default_total_cap_cents",
+        "serve_runs",
+        "nats_url",
+        "nats_creds",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
@@ -217,6 +277,20 @@ class Settings(BaseSettings):
             return []
         raw = self.stripe_webhook_secret.get_secret_value()
         return [part.strip() for part in raw.split(",") if part.strip()]
+
+    @field_validator("stripe_plans")
+    @classmethod
+    def _valid_plans(cls, v: str | None) -> str | None:
+        from app.domain.billing import parse_plans
+
+        parse_plans(v)  # raises ValueError: the settings do not load
+        return v
+
+    def plans(self) -> dict[str, Any]:
+        """The configured subscription plans (name → :class:`app.domain.billing.Plan`)."""
+        from app.domain.billing import parse_plans
+
+        return dict(parse_plans(self.stripe_plans))
 
     @property
     def stripe_enabled(self) -> bool:
@@ -234,6 +308,12 @@ class Settings(BaseSettings):
         return bool(self.github_app_id) and (
             self.github_private_key is not None or self.github_private_key_path is not None
         )
+
+    @property
+    def embedded_runs(self) -> bool:
+        """Whether ``spell serve`` runs casts in its own process (see ``SPELL_SERVE_RUNS``)."""
+        wanted = self.serve_runs if self.serve_runs is not None else not self.nats_url
+        return wanted and self.workers > 0
 
     def uid_pool(self) -> range:
         if not self.sandbox_uid_pool:

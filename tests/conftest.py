@@ -80,6 +80,7 @@ def pg_base_url() -> Iterator[str | None]:
 
 
 TABLES = (
+    "billing_usage, billing_meters, "
     "billing_refunds, billing_pending, billing_charges, billing_customers, entitlements, "
     "stripe_events, "
     "cast_targets, github_repos, github_installations, github_links, webhook_deliveries, "
@@ -114,6 +115,7 @@ def settings(tmp_path: Path, database_url: str | None) -> Settings:
         SPELL_SECRET_KEY="test-secret-key-" + "x" * 32,
         SPELL_RATE_LIMIT_BURST=10_000,
         SPELL_RATE_LIMIT_PER_SEC=10_000,
+        NATS_URL=None,  # the in-process queue, even if the shell exports NATS_URL
     )
 
 

@@ -1,11 +1,13 @@
-"""HTTP endpoints of billing: ``POST /webhooks/stripe``, ``GET /v1/billing`` and
-``POST /v1/billing/setup``. Added to the app by ``app.web.app`` when present."""
+"""HTTP endpoints of billing: ``POST /webhooks/stripe``, ``GET /v1/billing``,
+``POST /v1/billing/setup``, ``GET /v1/billing/plans``, ``POST /v1/billing/subscribe`` and
+``POST /v1/billing/usage``. Added to the app by ``app.web.app`` when present."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from app.billing.service import BillingService
+from app.billing.usage import record_usage
 from app.billing.webhooks import (
     SIGNATURE_HEADER,
     BadEvent,
@@ -16,7 +18,7 @@ from app.billing.webhooks import (
 from app.errors import AppError
 from app.web.keys import INBOX, PLATFORM, RELAY, SETTINGS
 from app.web.middlewares import require_caller
-from app.web.routes import read_body
+from app.web.routes import _json, idempotency_key, read_body, read_json
 
 BILLING = web.AppKey("billing", BillingService)
 
@@ -83,3 +85,47 @@ async def billing_setup(request: web.Request) -> web.Response:
     """A Stripe Checkout (setup mode) URL where the caller saves a payment method."""
     caller = require_caller(request)
     return web.json_response(await _billing(request).setup_session(caller), status=201)
+
+
+@billing_routes.get("/v1/billing/plans")
+async def billing_plans(request: web.Request) -> web.Response:
+    """The subscription plans configured (``SPELL_STRIPE_PLANS``)."""
+    require_caller(request)
+    plans = _billing(request).config.plans
+    return web.json_response(
+        {
+            "plans": [
+                {
+                    "name": p.name,
+                    "base_price": p.base_price,
+                    "metered_prices": list(p.metered_prices),
+                }
+                for p in sorted(plans.values(), key=lambda p: p.name)
+            ]
+        }
+    )
+
+
+@billing_routes.post("/v1/billing/subscribe")
+async def billing_subscribe(request: web.Request) -> web.Response:
+    """A Stripe Checkout (subscription mode) URL for a metered plan."""
+    caller = require_caller(request)
+    body = await read_json(request)
+    plan = body.get("plan") if isinstance(body, dict) else None
+    if not isinstance(plan, str) or not plan:
+        raise AppError(
+            "VALIDATION_ERROR", 'give the plan: {"plan": "NAME"}', detail={"path": "/plan"}
+        )
+    return web.json_response(await _billing(request).subscribe_session(caller, plan), status=201)
+
+
+@billing_routes.post("/v1/billing/usage")
+async def billing_usage(request: web.Request) -> web.Response:
+    """Report usage for a metered subscription (Idempotency-Key required)."""
+    caller = require_caller(request)
+    key = idempotency_key(request)
+    body = await read_json(request)
+    status, resp, replayed = await record_usage(
+        request.app[PLATFORM], request.app.get(BILLING), caller, body, idempotency_key=key
+    )
+    return _json(resp, status=status, replayed=replayed)

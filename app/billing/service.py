@@ -11,6 +11,16 @@ Everything that talks to Stripe runs from the jobs queue, never on a request pat
   new idempotency key — Stripe would replay the stored decline for the old one).
 * ``webhook.stripe``: a verified Stripe event stored in the inbox; deduplicated by event id,
   applied only if not older than what we already know about its object.
+* ``billing.usage`` (queued with the ``finish`` of a metered cast, carrying its meter
+  quantities): an account with a metered subscription gets the quantities recorded and reported
+  as Billing Meter events (``identifier`` = ``{cast_id}:{meter}``, deduplicated by Stripe); an
+  account without one is charged the cast's cost per cast, like a flat cast. The decision is
+  taken once, under the account's lock (``BillingStore.route_metered``); ``billing.charge`` and
+  ``billing.usage`` of one cast both run :meth:`BillingService.settle`, whichever comes first.
+* ``billing.meter``: usage reported through ``POST /v1/billing/usage``, sent as meter events.
+* ``billing.refund``: the automatic refund of a cast that broke its spell's SLA
+  (``sla.max_duration_sec``): a full refund of a per-cast charge, or a customer balance credit
+  for a cast billed through a subscription (``cast:{id}:refund:{n}``).
 
 Handlers are idempotent (delivery is at-least-once): charges are created under a lock and keyed
 by a domain id, state changes are conditional updates, Stripe calls carry idempotency keys.
@@ -18,28 +28,35 @@ by a domain id, state changes are conditional updates, Stripe calls carry idempo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.billing.stripe_client import StripeClient
 from app.domain.billing import (
+    METERS,
+    SLA_REFUND_REASON,
+    Plan,
     charge_key,
     customer_key,
     minimum_charge,
+    minute_floor,
     should_apply,
+    sla_breached,
 )
+from app.domain.spells import SpellDocument
 from app.errors import AppError
 from app.services.ports import AuditSink, Message
 from app.services.tokens import Caller
-from app.store.billing_store import BillingStore
+from app.store.billing_store import SUBSCRIBED, BillingStore
 from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
-from app.store.models import BillingCharge
+from app.store.models import BillingCharge, BillingUsage, Cast
 
 log = logging.getLogger("spell.billing")
 
@@ -62,6 +79,10 @@ HANDLED_EVENTS = frozenset(
 @dataclass(frozen=True)
 class BillingConfig:
     public_url: str = "http://127.0.0.1:8080"
+    #: subscription plans (``SPELL_STRIPE_PLANS``), by name
+    plans: Mapping[str, Plan] = field(default_factory=dict)
+    #: usage still unreported this long after it was recorded is a reconciliation difference
+    unreported_grace_sec: int = 3600
 
 
 class RevenueCounter:
@@ -93,6 +114,11 @@ class BillingService:
         self.audit = audit
         self.counters = counters
         self.kick_outbox = kick_outbox
+        self._meters: dict[str, tuple[str, str]] = {}  # name → (event_name, Stripe meter id)
+        self._meters_lock = asyncio.Lock()
+        self._terms_cache: dict[tuple[str, str], tuple[str | None, int | None]] = {}
+        #: the last scheduled reconciliation: when, and the differences it found
+        self.last_reconcile: tuple[datetime, list[str]] | None = None
 
     # ------------------------------------------------------------------ the cast gate
 
@@ -108,6 +134,8 @@ class BillingService:
                 f"{fix}, then cast again",
                 detail={"account": account_id, "reason": row.past_due_reason},
             )
+        if row is not None and row.subscription_status in ("active", "trialing"):
+            return  # the subscription collects (its invoices); usage goes to its meters
         if row is None or row.payment_method_id is None:
             raise AppError(
                 "PAYMENT_REQUIRED",
@@ -197,15 +225,177 @@ class BillingService:
     # ------------------------------------------------------------------ settlement jobs
 
     async def on_charge_job(self, msg: Message) -> None:
-        cast_id = str(msg.payload["cast_id"])
+        await self.settle(str(msg.payload["cast_id"]))
+
+    async def on_usage_job(self, msg: Message) -> None:
+        await self.settle(str(msg.payload["cast_id"]))
+
+    async def settle(self, cast_id: str) -> str | None:
+        """Bill a succeeded cast: through the account's metered subscription (meter events) or
+        per cast (a pending line, collected by the minimum-charge rule); then queue its SLA
+        refund if it broke the spell's SLA. Idempotent. Returns the route taken."""
         cast = await self.ledger.get_cast(cast_id)
-        if cast is None or cast.status != "succeeded" or not cast.cost_cents:
-            return
-        charge = await self.store.add_pending(cast)
-        if charge is None:
-            log.info("cast %s: %d cents pending (below the minimum)", cast_id, cast.cost_cents)
-            return
-        await self.collect(charge)
+        if cast is None or cast.status != "succeeded":
+            return None
+        model, sla_limit = await self._terms(cast)
+        usage = await self.store.cast_usage(cast_id) if model == "metered" else None
+        route = "charge"
+        if usage is not None:
+            when = cast.finished_at or self.store.clock.now()
+            route = await self.store.route_metered(cast, usage, int(when.timestamp()))
+        if route == "meter":
+            await self.report(await self.store.unsent_usage(cast_id=cast_id))
+        elif cast.cost_cents:
+            charge = await self.store.add_pending(cast)
+            if charge is None:
+                log.info("cast %s: %d cents pending (below the minimum)", cast_id, cast.cost_cents)
+            else:
+                await self.collect(charge)
+        took = (cast.finished_at - cast.created_at).total_seconds() if cast.finished_at else 0.0
+        if (
+            cast.cost_cents
+            and sla_breached(sla_limit, took)
+            and await self.store.queue_refund_job(cast_id, SLA_REFUND_REASON)
+        ):
+            self.kick_outbox()
+        return route
+
+    async def _terms(self, cast: Cast) -> tuple[str | None, int | None]:
+        """The pricing model and SLA (``max_duration_sec``) of the cast's spell version;
+        published versions never change, so they are cached."""
+        key = (cast.spell_id, cast.spell_version)
+        hit = self._terms_cache.get(key)
+        if hit is not None:
+            return hit
+        found = await self.ledger.get_spell(cast.spell_id, cast.spell_version)
+        if found is None:
+            return None, None
+        doc = SpellDocument.model_validate(found[1].document)
+        terms = (doc.pricing.model, doc.sla.max_duration_sec if doc.sla is not None else None)
+        if len(self._terms_cache) >= 4096:
+            self._terms_cache.pop(next(iter(self._terms_cache)))
+        self._terms_cache[key] = terms
+        return terms
+
+    async def on_refund_job(self, msg: Message) -> None:
+        """The automatic (SLA) refund of a cast: all that is left of its charge."""
+        cast_id = str(msg.payload["cast_id"])
+        reason = str(msg.payload.get("reason") or SLA_REFUND_REASON)
+        mine = [r for r in await self.store.refunds(cast_id) if r.reason == reason]
+        if mine and mine[0].status != "pending":
+            return  # done already (a redelivered job)
+        n = int(mine[0].id.rsplit(":", 1)[1]) if mine else None
+        try:
+            await self.refund_cast(cast_id, amount=None, reason=reason, actor="billing:sla", n=n)
+        except AppError as e:
+            if e.code != "VALIDATION_ERROR":
+                raise  # e.g. its charge is being collected right now: the job is retried
+            log.info("cast %s: no SLA refund, %s", cast_id, e.message)
+
+    # ------------------------------------------------------------------ metered usage
+
+    async def ensure_meters(self) -> dict[str, tuple[str, str]]:
+        """The platform's Billing Meters (``casts``, ``compute_ms``, ``egress_mb``): found in
+        the ledger, else adopted from Stripe by ``event_name``, else created (idempotency key
+        ``meter:{event_name}``). Name → (event_name, meter id)."""
+        if len(self._meters) == len(METERS):
+            return self._meters
+        async with self._meters_lock:
+            known = {
+                m.name: (m.event_name, m.stripe_id) for m in (await self.store.meters()).values()
+            }
+            missing = [name for name in METERS if name not in known]
+            if missing:
+                existing = {
+                    str(m["event_name"]): str(m["id"])
+                    for m in await self.stripe.list_meters()
+                    if m.get("status", "active") == "active"
+                }
+                for name in missing:
+                    event_name = METERS[name]
+                    meter_id = existing.get(event_name)
+                    if meter_id is None:
+                        created = await self.stripe.create_meter(
+                            event_name=event_name,
+                            display_name=f"Spell Platform {name}",
+                            idempotency_key=f"meter:{event_name}",
+                        )
+                        meter_id = str(created["id"])
+                    await self.store.save_meter(name, event_name, meter_id)
+                    known[name] = (event_name, meter_id)
+            self._meters = known
+            return known
+
+    async def report(self, rows: list[BillingUsage]) -> int:
+        """Send usage rows as meter events (each row once: Stripe dedupes its identifier)."""
+        if not rows:
+            return 0
+        meters = await self.ensure_meters()
+        customers: dict[str, str] = {}
+        sent = 0
+        for row in rows:
+            customer = customers.get(row.account_id)
+            if customer is None:
+                c = await self.store.customer(row.account_id)
+                if c is None or c.stripe_customer_id is None:
+                    raise AppError("CONFLICT", f"account {row.account_id} has no Stripe customer")
+                customer = customers[row.account_id] = c.stripe_customer_id
+            await self.stripe.meter_event(
+                event_name=meters[row.meter][0],
+                customer=customer,
+                value=row.value,
+                identifier=row.identifier,
+                timestamp=row.timestamp,
+            )
+            sent += await self.store.mark_usage_sent(row.identifier)
+        return sent
+
+    async def on_meter_job(self, msg: Message) -> None:
+        await self.report(await self.store.unsent_usage(ref=str(msg.payload["ref"])))
+
+    async def subscribe_session(self, caller: Caller, plan_name: str) -> dict[str, Any]:
+        """A Checkout Session in ``subscription`` mode for a configured plan."""
+        if not (caller.is_operator or "cast:invoke" in caller.scopes):
+            raise AppError("FORBIDDEN", "subscribing needs a caster token")
+        plan = self.config.plans.get(plan_name)
+        if plan is None:
+            known = ", ".join(sorted(self.config.plans)) or "none configured (SPELL_STRIPE_PLANS)"
+            raise AppError(
+                "VALIDATION_ERROR",
+                f"unknown plan {plan_name!r}; plans: {known}",
+                detail={"path": "/plan"},
+            )
+        row = await self.store.customer(caller.account_id)
+        if row is not None and row.subscription_status in SUBSCRIBED:
+            raise AppError(
+                "CONFLICT",
+                f"the account already has a {row.subscription_status} subscription "
+                f"({row.plan or row.subscription_id})",
+            )
+        customer = await self.ensure_customer(caller.account_id)
+        base = self.config.public_url.rstrip("/")
+        meta = {"account_id": caller.account_id, "plan": plan.name, "purpose": "subscription"}
+        session = await self.stripe.create_checkout_session(
+            {
+                "mode": "subscription",
+                "customer": customer,
+                "client_reference_id": caller.account_id,
+                "line_items": plan.line_items(),
+                "success_url": f"{base}/billing/subscribe/done?session_id={{CHECKOUT_SESSION_ID}}",
+                "cancel_url": f"{base}/billing/subscribe/cancelled",
+                "metadata": meta,
+                "subscription_data": {
+                    "metadata": {"account_id": caller.account_id, "plan": plan.name}
+                },
+            },
+            idempotency_key=f"account:{caller.account_id}:subscribe:{secrets.token_hex(8)}",
+        )
+        return {
+            "url": session["url"],
+            "session_id": session["id"],
+            "customer": customer,
+            "plan": plan.name,
+        }
 
     async def on_retry_job(self, msg: Message) -> None:
         charge = await self.store.charge(str(msg.payload["charge_id"]))
@@ -310,6 +500,9 @@ class BillingService:
     async def on_dead_job(self, msg: Message, error: str) -> None:
         if msg.subject.startswith("webhook."):
             await self.inbox.finish(str(msg.payload["delivery_id"]), "dead", error)
+            return
+        if msg.subject not in ("billing.charge", "billing.retry"):
+            log.error("billing job %s gave up: %s", msg.msg_id, error)
             return
         charge_id = msg.payload.get("charge_id")
         if charge_id is None and "cast_id" in msg.payload:
@@ -465,6 +658,21 @@ class BillingService:
             await self.store.set_subscription(
                 account, str(cs["subscription"]), "active", (cs.get("metadata") or {}).get("plan")
             )
+            sub = await self.stripe.retrieve_subscription(str(cs["subscription"]))
+            sub_pm: Any = sub.get("default_payment_method")
+            if isinstance(sub_pm, dict):
+                sub_pm = sub_pm.get("id")
+            if sub_pm:  # per-cast (flat) charges of a subscriber use the card it saved
+                await self.store.adopt_payment_method(account, str(sub_pm))
+            await self.audit.append(
+                "billing.subscribed",
+                actor="stripe",
+                data={
+                    "account": account,
+                    "subscription": cs["subscription"],
+                    "plan": (cs.get("metadata") or {}).get("plan"),
+                },
+            )
             return True
         return None
 
@@ -488,8 +696,32 @@ class BillingService:
             return False
         if paid:
             await self.store.clear_past_due(row.account_id, only_reason="invoice_payment_failed")
-        else:
-            await self.store.mark_past_due(row.account_id, "invoice_payment_failed")
+            return True
+        # Like a failed PaymentIntent (SPEC §23.2): the account is past due (its paid and
+        # metered casts get 402 until the invoice is paid or a new card is saved), the
+        # subscription's entitlement to usage billing lapses, and whatever this invoice's
+        # payment bought is revoked.
+        newly = await self.store.mark_past_due(row.account_id, "invoice_payment_failed")
+        sub = invoice.get("subscription")
+        lapsed = bool(sub) and await self.store.mark_subscription_past_due(str(sub))
+        revoked = 0
+        if invoice.get("payment_intent"):
+            revoked = await self.store.revoke_entitlements(str(invoice["payment_intent"]))
+        if newly or lapsed or revoked:
+            log.warning("invoice %s failed: account %s is past due", invoice["id"], row.account_id)
+            await self.audit.append(
+                "billing.payment_failed",
+                actor="stripe",
+                amount_cents=int(invoice.get("amount_due") or 0),
+                currency=str(invoice.get("currency") or "usd").upper(),
+                data={
+                    "account": row.account_id,
+                    "invoice": invoice["id"],
+                    "subscription": sub,
+                    "code": "invoice_payment_failed",
+                    "revoked_entitlements": revoked,
+                },
+            )
         return True
 
     async def on_payment_intent(self, pi: dict[str, Any], created: int, *, ok: bool) -> bool | None:
@@ -541,7 +773,9 @@ class BillingService:
 
     # ------------------------------------------------------------------ reconciliation
 
-    async def reconcile(self, since: datetime | None = None) -> list[str]:
+    async def reconcile(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[str]:
         """Every difference between the ledger and Stripe, as readable lines (empty: none)."""
         problems: list[str] = []
         for charge in await self.store.charges():
@@ -587,7 +821,128 @@ class BillingService:
                 )
             if charge.status == "error":
                 problems.append(f"{charge.id}: collection failed for good (see the logs)")
+        problems += await self._reconcile_invoice_items(since)
+        problems += await self._reconcile_usage(since, until)
         return problems
+
+    async def _reconcile_invoice_items(self, since: datetime | None) -> list[str]:
+        """Charges carried to an invoice (below the minimum at month end) against the
+        customer's invoice items at Stripe, both ways."""
+        problems: list[str] = []
+        ours = [
+            c
+            for c in await self.store.charges()
+            if c.kind == "invoice_item" and (since is None or c.created_at >= since)
+        ]
+        by_account: dict[str, list[BillingCharge]] = {}
+        for c in ours:
+            by_account.setdefault(c.account_id, []).append(c)
+        for account, charges in sorted(by_account.items()):
+            row = await self.store.customer(account)
+            if row is None or row.stripe_customer_id is None:
+                problems.append(f"{account}: invoice item charges without a Stripe customer")
+                continue
+            items = {
+                str(i["id"]): i
+                for i in await self.stripe.list_invoice_items(row.stripe_customer_id)
+            }
+            known = {c.stripe_id for c in charges}
+            for c in charges:
+                if c.status != "invoiced":
+                    if c.status == "pending" and c.stripe_id is None:
+                        continue  # not sent yet
+                    problems.append(f"{c.id}: invoice item charge is {c.status}")
+                    continue
+                item = items.get(str(c.stripe_id))
+                if item is None:
+                    problems.append(f"{c.id}: invoice item {c.stripe_id} is missing at Stripe")
+                elif (
+                    int(item.get("amount", 0)) != c.amount_cents
+                    or str(item.get("currency", "")).lower() != c.currency.lower()
+                ):
+                    problems.append(
+                        f"{c.id}: ledger {c.amount_cents} {c.currency}, Stripe invoice item "
+                        f"{item['id']} is {item.get('amount')} {item.get('currency')}"
+                    )
+            for item_id, item in items.items():
+                charge_id = (item.get("metadata") or {}).get("charge_id")
+                if (
+                    charge_id
+                    and item_id not in known
+                    and (since is None or int(item.get("created", 0)) >= since.timestamp())
+                ):
+                    problems.append(
+                        f"{charge_id}: Stripe invoice item {item_id} ({item.get('amount')} "
+                        f"{item.get('currency')}) is not in the ledger"
+                    )
+        return problems
+
+    async def _reconcile_usage(self, since: datetime | None, until: datetime | None) -> list[str]:
+        """Usage recorded in the ledger against Stripe's meter event summaries, per account and
+        meter over the same minute-aligned window; and usage never reported."""
+        now = self.store.clock.now()
+        start = minute_floor(int((since or now - timedelta(days=35)).timestamp()))
+        end = minute_floor(int((until or now).timestamp())) + (0 if until else 60)
+        rows = await self.store.usage_rows(since_ts=start, until_ts=end)
+        problems: list[str] = []
+        grace = now - timedelta(seconds=self.config.unreported_grace_sec)
+        sent: dict[tuple[str, str], int] = {}
+        for r in rows:
+            if r.status == "pending" and r.created_at < grace:
+                problems.append(f"{r.identifier}: {r.value} {r.meter} never reported to Stripe")
+            if r.status == "sent":
+                sent[(r.account_id, r.meter)] = sent.get((r.account_id, r.meter), 0) + r.value
+        accounts = {a for a, _ in sent} | {
+            c.account_id for c in await self.store.subscribed_customers()
+        }
+        meters = await self.store.meters()  # read only: reconciling never creates meters
+        for account in sorted(accounts):
+            row = await self.store.customer(account)
+            if row is None or row.stripe_customer_id is None:
+                continue
+            for name in METERS:
+                meter = meters.get(name)
+                if meter is None:  # never created, so nothing was ever sent to it
+                    continue
+                theirs = await self.stripe.meter_event_summary(
+                    meter.stripe_id, customer=row.stripe_customer_id, start_time=start, end_time=end
+                )
+                mine = sent.get((account, name), 0)
+                if theirs != mine:
+                    problems.append(
+                        f"{account}: ledger reported {mine} {name}, Stripe's meter summary "
+                        f"says {theirs} ({start}-{end})"
+                    )
+        return problems
+
+
+#: how far back the scheduled reconciliation looks, and how long it leaves Stripe to
+#: aggregate the newest meter events (its summaries lag a little behind)
+RECONCILE_LOOKBACK = timedelta(days=7)
+RECONCILE_LAG = timedelta(minutes=5)
+
+
+async def reconcile_once(billing: BillingService) -> list[str]:
+    """One scheduled reconciliation: the last week, logged difference by difference."""
+    now = billing.store.clock.now()
+    problems = await billing.reconcile(since=now - RECONCILE_LOOKBACK, until=now - RECONCILE_LAG)
+    for line in problems:
+        log.warning("billing reconcile: %s", line)
+    billing.last_reconcile = (now, problems)
+    return problems
+
+
+async def reconcile_forever(billing: BillingService, every: float) -> None:
+    """The worker's reconciliation schedule (``SPELL_BILLING_RECONCILE_INTERVAL`` seconds)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            problems = await reconcile_once(billing)
+            log.info("billing reconcile: %d differences", len(problems))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("billing reconcile failed")
 
 
 def _refund_json(refund: Any) -> dict[str, Any]:
@@ -616,4 +971,12 @@ _HANDLERS: dict[str, Handler] = {
     "charge.refunded": BillingService.on_charge_refunded,
 }
 
-__all__ = ["HANDLED_EVENTS", "BillingConfig", "BillingService", "RevenueCounter", "charge_key"]
+__all__ = [
+    "HANDLED_EVENTS",
+    "BillingConfig",
+    "BillingService",
+    "RevenueCounter",
+    "charge_key",
+    "reconcile_forever",
+    "reconcile_once",
+]

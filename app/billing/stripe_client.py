@@ -414,3 +414,40 @@ class StripeClient:
             },
             idempotency_key=f"meter:{identifier}",
         )
+
+    async def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/subscriptions/{subscription_id}")
+
+    async def list_invoice_items(self, customer: str) -> list[dict[str, Any]]:
+        """Every invoice item of a customer (all pages)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"customer": customer, "limit": 100}
+        while True:
+            body = await self.request("GET", "/v1/invoiceitems", params)
+            page = list(body.get("data", []))
+            out += page
+            if not body.get("has_more") or not page:
+                return out
+            params["starting_after"] = page[-1]["id"]
+
+    async def meter_event_summary(
+        self, meter_id: str, *, customer: str, start_time: int, end_time: int
+    ) -> int:
+        """The sum Stripe aggregated for a customer on a meter in ``[start_time, end_time)``
+        (minute-aligned bounds), over all pages of summaries."""
+        total = 0
+        params: dict[str, Any] = {
+            "customer": customer,
+            "start_time": start_time,
+            "end_time": end_time,
+            "limit": 100,
+        }
+        while True:
+            body = await self.request(
+                "GET", f"/v1/billing/meters/{meter_id}/event_summaries", params
+            )
+            page = list(body.get("data", []))
+            total += sum(round(float(s.get("aggregated_value", 0))) for s in page)
+            if not body.get("has_more") or not page:
+                return total
+            params["starting_after"] = page[-1]["id"]

@@ -1,7 +1,9 @@
-"""``spell billing …`` and ``spell refund``: Stripe billing from the command line (issue #4).
+"""``spell billing …``, ``spell plan …`` and ``spell refund``: Stripe billing from the command
+line (issue #4).
 
-``billing setup`` and ``billing show`` are client commands (they talk to the server with your
-token). ``refund`` and ``billing reconcile`` are operator commands on the local ledger (the same
+``billing setup``, ``billing show``, ``billing usage``, ``plan list`` and ``plan subscribe`` are
+client commands (they talk to the server with your token). ``refund``, ``billing reconcile`` and
+``billing meters ensure`` are operator commands on the local ledger (the same
 ``SPELL_DATA_DIR`` / ``DATABASE_URL`` and ``STRIPE_API_KEY`` as the server), like
 ``spell token issue``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import uuid
 import webbrowser
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -57,7 +60,10 @@ async def local_billing(settings: Settings) -> AsyncIterator[BillingService]:
         await audit.start()
         try:
             yield BillingService(
-                config=BillingConfig(public_url=settings.public_url or "http://127.0.0.1:8080"),
+                config=BillingConfig(
+                    public_url=settings.public_url or "http://127.0.0.1:8080",
+                    plans=settings.plans(),
+                ),
                 stripe=stripe,
                 store=BillingStore(ledger, clock),
                 ledger=ledger,
@@ -68,6 +74,7 @@ async def local_billing(settings: Settings) -> AsyncIterator[BillingService]:
             )
         finally:
             await audit.close()
+            await ledger.aclose()
             await stripe.aclose()
 
 
@@ -130,6 +137,8 @@ def billing_show(ctx: click.Context, account: str | None, as_json: bool) -> None
     if got["mode"] == "stripe":
         pm = got.get("payment_method") or {}
         click.echo(f"payment method: {pm.get('status', 'none')}")
+        if got.get("plan") or got.get("subscription_status"):
+            click.echo(f"plan: {got.get('plan')} ({got.get('subscription_status')})")
         if got.get("past_due"):
             click.echo(f"PAST DUE: {got.get('past_due_reason')} — run `spell billing setup`")
         for p in got.get("pending", []):
@@ -188,4 +197,118 @@ def refund(cast_id: str, amount: int | None, reason: str, as_json: bool) -> None
         )
 
 
-COMMANDS: list[click.Command] = [billing, refund]
+@billing.group("meters")
+def meters() -> None:
+    """The Stripe Billing Meters usage is reported to (casts, compute_ms, egress_mb)."""
+
+
+@meters.command("ensure")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def meters_ensure(as_json: bool) -> None:
+    """Create the platform's Billing Meters at Stripe if missing (operator, local ledger);
+    prints their ids, to attach metered prices to them for the plans (SPELL_STRIPE_PLANS)."""
+
+    async def go() -> dict[str, tuple[str, str]]:
+        async with local_billing(Settings()) as svc:
+            return await svc.ensure_meters()
+
+    got: dict[str, tuple[str, str]] = _run(go())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {k: {"event_name": v[0], "meter_id": v[1]} for k, v in got.items()},
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        return
+    for name, (event_name, meter_id) in got.items():
+        click.echo(f"{name}\t{event_name}\t{meter_id}")
+
+
+@billing.command("usage")
+@click.option("--casts", type=click.IntRange(min=0), help="Casts to report.")
+@click.option("--compute-ms", type=click.IntRange(min=0), help="Compute milliseconds to report.")
+@click.option("--egress-mb", type=click.IntRange(min=0), help="Egress megabytes to report.")
+@click.option("--account", help="Operators only: another account.")
+@click.option("--timestamp", type=int, help="Unix seconds (default: now; up to 35 days back).")
+@click.option("--idempotency-key", metavar="KEY", help="Default: a new UUID.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def billing_usage(
+    ctx: click.Context,
+    casts: int | None,
+    compute_ms: int | None,
+    egress_mb: int | None,
+    account: str | None,
+    timestamp: int | None,
+    idempotency_key: str | None,
+    as_json: bool,
+) -> None:
+    """Report usage to your metered subscription (POST /v1/billing/usage)."""
+    usage = {
+        k: v
+        for k, v in (("casts", casts), ("compute_ms", compute_ms), ("egress_mb", egress_mb))
+        if v is not None
+    }
+    if not usage:
+        raise click.UsageError("give --casts, --compute-ms and/or --egress-mb")
+    body: dict[str, Any] = {"usage": usage}
+    if account is not None:
+        body["account"] = account
+    if timestamp is not None:
+        body["timestamp"] = timestamp
+    with _client(ctx) as client:
+        got = client._call(
+            "POST",
+            "/v1/billing/usage",
+            json_body=body,
+            headers={"Idempotency-Key": idempotency_key or str(uuid.uuid4())},
+            retries=2,
+        )
+    if as_json:
+        click.echo(json.dumps(got, indent=2, sort_keys=True))
+        return
+    click.echo(f"usage {got['usage_id']} for {got['account']}: {got['status']}")
+
+
+@click.group()
+def plan() -> None:
+    """Metered subscription plans."""
+
+
+@plan.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plan_list(ctx: click.Context, as_json: bool) -> None:
+    """The plans you can subscribe to."""
+    with _client(ctx) as client:
+        got = client._call("GET", "/v1/billing/plans")
+    if as_json:
+        click.echo(json.dumps(got, indent=2, sort_keys=True))
+        return
+    for p in got["plans"]:
+        click.echo(p["name"])
+
+
+@plan.command("subscribe")
+@click.argument("plan_name", metavar="PLAN")
+@click.option("--open", "open_browser", is_flag=True, help="Open the URL in a browser.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plan_subscribe(ctx: click.Context, plan_name: str, open_browser: bool, as_json: bool) -> None:
+    """Print the Stripe Checkout URL where you subscribe to a metered plan."""
+    with _client(ctx) as client:
+        got = client._call("POST", "/v1/billing/subscribe", json_body={"plan": plan_name})
+    if as_json:
+        click.echo(json.dumps(got, indent=2, sort_keys=True))
+        return
+    click.echo(got["url"])
+    click.echo(
+        "open it to subscribe; metered casts bill to the plan once Stripe confirms it", err=True
+    )
+    if open_browser:
+        webbrowser.open(got["url"])
+
+
+COMMANDS: list[click.Command] = [billing, refund, plan]

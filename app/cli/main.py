@@ -336,7 +336,9 @@ def cli(ctx: click.Context, api_url: str | None) -> None:
 def serve(host: str, port: int) -> None:
     """Run the platform server (the /v1 API, SSE progress and the worker).
 
-    Configured by environment variables (SPELL_DATA_DIR, DATABASE_URL, SPELL_SECRET_KEY, …).
+    With NATS_URL set the server runs no casts itself (`spell worker` processes do; see
+    SPELL_SERVE_RUNS). Configured by environment variables (SPELL_DATA_DIR, DATABASE_URL,
+    SPELL_SECRET_KEY, NATS_URL, …).
     Stop it with Ctrl-C or SIGTERM.
     """
     from aiohttp import web
@@ -358,6 +360,68 @@ def serve(host: str, port: int) -> None:
         web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=10)
     except OSError as e:
         fail(f"cannot listen on {host}:{port}: {e.strerror or e}", "UNAVAILABLE")
+
+
+@cli.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    help="Casts run at once (concurrent sandboxes). Default: SPELL_WORKERS.",
+)
+@click.option(
+    "--health-host", default="127.0.0.1", show_default=True, help="Address of /healthz, /readyz."
+)
+@click.option(
+    "--health-port",
+    default=8081,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of /healthz (alive) and /readyz (database, sandbox, NATS, not draining).",
+)
+@click.option(
+    "--drain-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 86400),
+    help="On SIGTERM, seconds to let running casts finish before they are cancelled.",
+)
+def worker(
+    concurrency: int | None, health_host: str, health_port: int, drain_timeout: float
+) -> None:
+    """Run casts from NATS JetStream (needs NATS_URL and the servers' DATABASE_URL).
+
+    Probes the sandbox first and refuses to start if spells cannot be isolated here.
+    SIGTERM drains: no new casts, running ones finish and are acked, then exit 0.
+    """
+    from app.observability.logging import configure_logging
+    from app.worker.main import run_worker
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    n = concurrency or settings.workers
+    if n < 1:
+        fail("SPELL_WORKERS=0: give --concurrency N (at least 1)")
+    shown = f"[{health_host}]" if ":" in health_host else health_host
+
+    def announce(_: str) -> None:
+        click.echo(
+            f"spell worker: {n} concurrent runs from {settings.nats_url}; "
+            f"health on http://{shown}:{health_port}/readyz"
+        )
+        sys.stdout.flush()
+
+    try:
+        run_worker(
+            settings,
+            concurrency=n,
+            host=health_host,
+            port=health_port,
+            drain_timeout=drain_timeout,
+            announce=announce,
+        )
+    except OSError as e:
+        fail(f"cannot listen on {health_host}:{health_port}: {e.strerror or e}", "UNAVAILABLE")
+    click.echo("spell worker: drained, stopped")
 
 
 @cli.group()

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+from app.domain.pricing import Usage
+from app.domain.spells import Pricing
 
 #: Stripe's minimum charge amount per currency, in minor units (lower-case ISO codes as Stripe
 #: writes them). Currencies not listed use :data:`DEFAULT_MINIMUM_CENTS`.
@@ -217,3 +221,106 @@ def refund_amount(cost_cents: int, refunded_cents: int, requested: int | None) -
     if requested > left:
         raise ValueError(f"only {left} cents of this cast can still be refunded")
     return requested
+
+
+# ------------------------------------------------------------------------ metered usage
+
+#: the platform's Billing Meters: meter name → Stripe ``event_name`` (SPEC §7)
+METERS: Final[dict[str, str]] = {
+    "casts": "spell_casts",
+    "compute_ms": "spell_compute_ms",
+    "egress_mb": "spell_egress_mb",
+}
+
+
+def meter_quantities(pricing: Pricing, usage: Usage) -> dict[str, int] | None:
+    """What a metered cast reports to a metered subscription: one quantity per meter the spell
+    declares, clamped at the meter's ``max`` like its cost; zero quantities are left out.
+    ``None`` for spells that are not metered."""
+    if pricing.model != "metered" or pricing.meters is None:
+        return None
+    m = pricing.meters
+    measured = {"casts": 1, "compute_ms": usage.compute_ms, "egress_mb": usage.egress_mb}
+    out: dict[str, int] = {}
+    declared = {"casts": m.casts, "compute_ms": m.compute_ms, "egress_mb": m.egress_mb}
+    for name, meter in declared.items():
+        if meter is not None and min(measured[name], meter.max) > 0:
+            out[name] = min(measured[name], meter.max)
+    return out
+
+
+def usage_identifier(ref: str, meter: str) -> str:
+    """A meter event's ``identifier``: ``{cast_id}:{meter}`` (or ``{usage_id}:{meter}``)."""
+    return meter_identifier(ref, meter)
+
+
+def minute_floor(ts: int) -> int:
+    """Meter event summaries take minute-aligned bounds."""
+    return ts - ts % 60
+
+
+# ------------------------------------------------------------------------ SLA
+
+
+def sla_breached(max_duration_sec: int | None, duration_sec: float) -> bool:
+    """A succeeded cast broke its spell's declared SLA: it took longer, from acceptance to
+    completion, than ``sla.max_duration_sec``."""
+    return max_duration_sec is not None and duration_sec > max_duration_sec
+
+
+SLA_REFUND_REASON: Final = "sla_violation"
+
+
+# ------------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A subscription plan (``SPELL_STRIPE_PLANS``): an optional licensed base price (quantity
+    1) and the metered prices attached to the platform's meters."""
+
+    name: str
+    base_price: str | None
+    metered_prices: tuple[str, ...]
+
+    def line_items(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        if self.base_price:
+            items.append({"price": self.base_price, "quantity": 1})
+        items += [{"price": p} for p in self.metered_prices]  # metered: no quantity
+        return items
+
+
+_PLAN_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_PRICE_ID: Final = re.compile(r"price_[A-Za-z0-9_]{1,120}")
+
+
+def parse_plans(raw: str | None) -> dict[str, Plan]:
+    """``SPELL_STRIPE_PLANS``: JSON ``{"PLAN": {"base": "price_…", "metered": ["price_…"]}}``.
+    Raises ValueError on anything else (checked when the settings load)."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ValueError("SPELL_STRIPE_PLANS must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise ValueError("SPELL_STRIPE_PLANS must be a JSON object of plans")
+    plans: dict[str, Plan] = {}
+    for name, spec in data.items():
+        if not isinstance(name, str) or not _PLAN_NAME.fullmatch(name):
+            raise ValueError(f"plan name {name!r}: lower-case letters, digits, - and _")
+        if not isinstance(spec, dict) or set(spec) - {"base", "metered"}:
+            raise ValueError(f"plan {name}: an object with `base` and/or `metered`")
+        base = spec.get("base")
+        metered = spec.get("metered", [])
+        if base is not None and (not isinstance(base, str) or not _PRICE_ID.fullmatch(base)):
+            raise ValueError(f"plan {name}: `base` must be a Stripe price id (price_…)")
+        if not isinstance(metered, list) or not all(
+            isinstance(p, str) and _PRICE_ID.fullmatch(p) for p in metered
+        ):
+            raise ValueError(f"plan {name}: `metered` must be a list of Stripe price ids")
+        if base is None and not metered:
+            raise ValueError(f"plan {name}: give a `base` price, `metered` prices or both")
+        plans[name] = Plan(name, base, tuple(metered))
+    return plans

@@ -242,12 +242,18 @@ class GitHubService:
                 started = datetime.fromisoformat(str(run["run_started_at"]).replace("Z", "+00:00"))
                 ended = datetime.fromisoformat(str(run["updated_at"]).replace("Z", "+00:00"))
                 duration_ms = max(0, int((ended - started).total_seconds() * 1000))
-            cost = actual_cents(
-                doc.pricing,
-                Usage(compute_ms=duration_ms, egress_bytes=artifact.size_bytes if artifact else 0),
-            )
+            egress = artifact.size_bytes if artifact else 0
+            used = Usage(compute_ms=duration_ms, egress_bytes=egress)
+            cost = actual_cents(doc.pricing, used)
+            from app.domain.billing import meter_quantities
+
             done = await self.platform.ledger.finish(
-                cast_id, cast.attempt, succeeded=True, cost_cents=cost, artifact=artifact
+                cast_id,
+                cast.attempt,
+                succeeded=True,
+                cost_cents=cost,
+                artifact=artifact,
+                usage=meter_quantities(doc.pricing, used),
             )
         if done is not None:
             await self._ended(done)

@@ -36,14 +36,19 @@ from app.store.ledger import SqlLedger, new_id
 from app.store.models import (
     BillingCharge,
     BillingCustomer,
+    BillingMeter,
     BillingPending,
     BillingRefund,
+    BillingUsage,
     Cast,
     Entitlement,
     LedgerLine,
     Outbox,
     StripeEvent,
 )
+
+#: subscription states in which usage is billed through the subscription (Stripe's names)
+SUBSCRIBED = ("active", "trialing", "past_due")
 
 
 @dataclass(frozen=True)
@@ -455,7 +460,12 @@ class BillingStore:
             charge = None
             if line is not None and line.charge_id is not None:
                 charge = await s.get(BillingCharge, line.charge_id)
-            if line is None or charge is None:
+            metered = line is None and await s.scalar(
+                select(func.count()).where(BillingUsage.cast_id == cast_id)
+            )
+            if metered:
+                method = "balance_credit"  # billed through the subscription: credit it
+            elif line is None or charge is None:
                 method = "pending_credit"
             elif charge.status == "succeeded" and charge.kind == "payment_intent":
                 method = "stripe_refund"
@@ -656,3 +666,217 @@ class BillingStore:
             stmt = stmt.where(BillingCharge.created_at >= since)
         async with self.ledger.reader() as s:
             return int(await s.scalar(stmt) or 0)
+
+    # ------------------------------------------------------------------ metered usage
+
+    async def meters(self) -> dict[str, BillingMeter]:
+        async with self.ledger.reader() as s:
+            return {m.name: m for m in (await s.scalars(select(BillingMeter))).all()}
+
+    async def save_meter(self, name: str, event_name: str, stripe_id: str) -> None:
+        async with self.ledger.write() as s:
+            await s.execute(
+                self.ledger._insert(BillingMeter)
+                .values(
+                    name=name,
+                    event_name=event_name,
+                    stripe_id=stripe_id,
+                    created_at=self.clock.now(),
+                )
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+
+    async def cast_usage(self, cast_id: str) -> dict[str, int] | None:
+        """The meter quantities of a metered cast, as its settlement queued them (the
+        ``billing.usage`` outbox row written with the cast's ``finish``); None: not metered."""
+        async with self.ledger.reader() as s:
+            payload = await s.scalar(
+                select(Outbox.payload).where(Outbox.msg_id == f"cast:{cast_id}:usage")
+            )
+        if not isinstance(payload, dict) or not isinstance(payload.get("usage"), dict):
+            return None
+        return {str(k): int(v) for k, v in payload["usage"].items()}
+
+    async def route_metered(self, cast: Cast, usage: dict[str, int], timestamp: int) -> str:
+        """Decide ONCE, under the account's lock, how a metered cast is billed: ``meter`` (the
+        account has a metered subscription: its usage rows are recorded, reported as meter
+        events) or ``charge`` (no subscription: its cost is charged per cast like a flat one).
+        A redelivered job gets the decision made the first time."""
+        from app.domain.billing import usage_identifier
+
+        now = self.clock.now()
+        async with self.ledger.write() as s:
+            row = await self._lock_customer(s, cast.caster_id)
+            if await s.get(BillingPending, cast.id) is not None:
+                return "charge"
+            if await s.scalar(select(func.count()).where(BillingUsage.cast_id == cast.id)):
+                return "meter"
+            if row.subscription_status not in SUBSCRIBED or row.stripe_customer_id is None:
+                return "charge"
+            for meter, value in usage.items():
+                s.add(
+                    BillingUsage(
+                        identifier=usage_identifier(cast.id, meter),
+                        account_id=cast.caster_id,
+                        cast_id=cast.id,
+                        meter=meter,
+                        value=value,
+                        timestamp=timestamp,
+                        source="cast",
+                        status="pending",
+                        created_at=now,
+                    )
+                )
+            if not usage:  # nothing to report, but the decision is still recorded
+                s.add(
+                    BillingUsage(
+                        identifier=usage_identifier(cast.id, "casts"),
+                        account_id=cast.caster_id,
+                        cast_id=cast.id,
+                        meter="casts",
+                        value=0,
+                        timestamp=timestamp,
+                        source="cast",
+                        status="sent",
+                        created_at=now,
+                        sent_at=now,
+                    )
+                )
+            return "meter"
+
+    async def record_usage(
+        self,
+        s: AsyncSession,
+        *,
+        account_id: str,
+        ref: str,
+        usage: dict[str, int],
+        timestamp: int,
+        report: bool,
+    ) -> list[BillingUsage]:
+        """Manual usage (``POST /v1/billing/usage``) inside the caller's transaction: one row per
+        meter and, when it is to be reported to Stripe, its ``billing.meter`` job."""
+        from app.domain.billing import usage_identifier
+
+        now = self.clock.now()
+        rows = [
+            BillingUsage(
+                identifier=usage_identifier(ref, meter),
+                account_id=account_id,
+                cast_id=None,
+                meter=meter,
+                value=value,
+                timestamp=timestamp,
+                source="manual",
+                status="pending" if report else "ledger",
+                created_at=now,
+            )
+            for meter, value in usage.items()
+        ]
+        s.add_all(rows)
+        if report:
+            s.add(
+                Outbox(
+                    subject="billing.meter",
+                    msg_id=f"usage:{ref}",
+                    payload={"account_id": account_id, "ref": ref},
+                    created_at=now,
+                )
+            )
+        await s.flush()
+        return rows
+
+    async def unsent_usage(
+        self, *, cast_id: str | None = None, ref: str | None = None, account_id: str | None = None
+    ) -> list[BillingUsage]:
+        stmt = select(BillingUsage).where(BillingUsage.status == "pending")
+        if cast_id is not None:
+            stmt = stmt.where(BillingUsage.cast_id == cast_id)
+        if ref is not None:
+            from app.domain.billing import METERS, usage_identifier
+
+            ids = [usage_identifier(ref, m) for m in METERS]
+            stmt = stmt.where(BillingUsage.identifier.in_(ids))
+        if account_id is not None:
+            stmt = stmt.where(BillingUsage.account_id == account_id)
+        async with self.ledger.reader() as s:
+            return list((await s.scalars(stmt.order_by(BillingUsage.identifier))).all())
+
+    async def mark_usage_sent(self, identifier: str) -> bool:
+        async with self.ledger.write() as s:
+            res = await s.execute(
+                update(BillingUsage)
+                .where(BillingUsage.identifier == identifier, BillingUsage.status == "pending")
+                .values(status="sent", sent_at=self.clock.now())
+                .execution_options(synchronize_session=False)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def usage_rows(
+        self, *, since_ts: int | None = None, until_ts: int | None = None
+    ) -> list[BillingUsage]:
+        stmt = select(BillingUsage).order_by(BillingUsage.account_id, BillingUsage.identifier)
+        if since_ts is not None:
+            stmt = stmt.where(BillingUsage.timestamp >= since_ts)
+        if until_ts is not None:
+            stmt = stmt.where(BillingUsage.timestamp < until_ts)
+        async with self.ledger.reader() as s:
+            return list((await s.scalars(stmt)).all())
+
+    async def usage_of(self, cast_id: str) -> list[BillingUsage]:
+        async with self.ledger.reader() as s:
+            rows = await s.scalars(
+                select(BillingUsage)
+                .where(BillingUsage.cast_id == cast_id)
+                .order_by(BillingUsage.identifier)
+            )
+            return list(rows.all())
+
+    # ------------------------------------------------------------------ SLA refunds
+
+    async def queue_refund_job(self, cast_id: str, reason: str) -> bool:
+        """Queue the automatic refund of a cast (one per cast and reason): a job, so a refund
+        that cannot be made yet is retried without touching the charge's own job."""
+        async with self.ledger.write() as s:
+            res = await s.execute(
+                self.ledger._insert(Outbox)
+                .values(
+                    subject="billing.refund",
+                    msg_id=f"cast:{cast_id}:refund:{reason}"[:80],
+                    payload={"cast_id": cast_id, "reason": reason},
+                    created_at=self.clock.now(),
+                )
+                .on_conflict_do_nothing(index_elements=["msg_id"])
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def mark_subscription_past_due(self, subscription_id: str) -> bool:
+        async with self.ledger.write() as s:
+            res = await s.execute(
+                update(BillingCustomer)
+                .where(
+                    BillingCustomer.subscription_id == subscription_id,
+                    BillingCustomer.subscription_status.in_(["active", "trialing"]),
+                )
+                .values(subscription_status="past_due", updated_at=self.clock.now())
+                .execution_options(synchronize_session=False)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def adopt_payment_method(self, account_id: str, payment_method: str) -> bool:
+        """Record the payment method a subscription Checkout saved, unless one is on file."""
+        async with self.ledger.write() as s:
+            row = await self._lock_customer(s, account_id)
+            if row.payment_method_id is not None:
+                return False
+            row.payment_method_id = payment_method
+            row.payment_method_status = "active"
+            row.updated_at = self.clock.now()
+            return True
+
+    async def subscribed_customers(self) -> list[BillingCustomer]:
+        async with self.ledger.reader() as s:
+            rows = await s.scalars(
+                select(BillingCustomer).where(BillingCustomer.subscription_id.is_not(None))
+            )
+            return list(rows.all())

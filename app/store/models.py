@@ -456,3 +456,37 @@ class BillingRefund(Base):
     stripe_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZ)
     updated_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class BillingMeter(Base):
+    """A Stripe Billing Meter the platform reports usage to (``casts``, ``compute_ms``,
+    ``egress_mb``), created once (``spell billing meters ensure`` or at first use)."""
+
+    __tablename__ = "billing_meters"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    event_name: Mapped[str] = mapped_column(String(100))
+    stripe_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
+class BillingUsage(Base):
+    """One usage quantity for a metered subscription, reported to Stripe as a meter event whose
+    ``identifier`` is this row's key (``{cast_id}:{meter}`` for casts, ``{usage_id}:{meter}``
+    for ``POST /v1/billing/usage``): Stripe dedupes on it, so a resend never counts twice."""
+
+    __tablename__ = "billing_usage"
+    __table_args__ = (
+        Index("ix_billing_usage_account_status", "account_id", "status"),
+        CheckConstraint("value >= 0", name="value_nonneg"),
+    )
+    identifier: Mapped[str] = mapped_column(String(100), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"))
+    cast_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    meter: Mapped[str] = mapped_column(String(32))  # casts | compute_ms | egress_mb
+    value: Mapped[int] = mapped_column(BigInteger)
+    #: the meter event's time (Unix seconds)
+    timestamp: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))  # cast | manual
+    status: Mapped[str] = mapped_column(String(16))  # pending | sent | ledger
+    created_at: Mapped[datetime] = mapped_column(TZ)
+    sent_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)

@@ -19,16 +19,24 @@ from app.artifacts.github import GitHubArtifactStore
 from app.artifacts.local import LocalArtifactStore
 from app.artifacts.routing import RoutingArtifactStore
 from app.billing.routes import BILLING, billing_routes
-from app.billing.service import BillingConfig, BillingService, RevenueCounter
+from app.billing.service import BillingConfig, BillingService, RevenueCounter, reconcile_forever
 from app.billing.stripe_client import StripeClient
+from app.bus.jetstream import BusUnavailable, JetStreamBus, JetStreamConfig
 from app.bus.memory import MemoryQueue
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
+from app.errors import AppError
 from app.github.client import GitHubClient
 from app.github.service import GitHubConfig, GitHubService
 from app.observability.metrics import Metrics
 from app.runner.pool import WarmProfile
-from app.runner.sandbox import BwrapSandbox, Sandbox, SandboxUnavailable, detect_sandbox
+from app.runner.sandbox import (
+    BwrapSandbox,
+    Sandbox,
+    SandboxUnavailable,
+    detect_sandbox,
+    process_budget_error,
+)
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import ArtifactStore, Clock, Queue, SystemClock
@@ -62,6 +70,9 @@ log = logging.getLogger("spell.app")
 
 AUDIT_LOG = "main"
 
+BUS = web.AppKey("bus", JetStreamBus)  # set when NATS_URL is
+ROLE = web.AppKey("role", str)  # "serve" (the API) | "worker" (`spell worker`: runs only)
+
 
 @dataclass
 class Overrides:
@@ -79,7 +90,17 @@ class Overrides:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    overrides: Overrides | None = None,
+    role: str = "serve",
+    concurrency: int | None = None,
+    drain_timeout: float = 60.0,
+) -> web.Application:
+    """``role="serve"``: the API (and, per ``SPELL_SERVE_RUNS``, the run worker);
+    ``role="worker"``: no routes, ``concurrency`` runs, a drain of them on shutdown (the caller
+    adds its health routes)."""
     ov = overrides or Overrides()
     app = web.Application(
         middlewares=[envelope, authenticate_and_limit],
@@ -90,32 +111,75 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[LIMITER] = RateLimiter(settings.rate_limit_burst, settings.rate_limit_per_sec)
     app[SANDBOX_STATE] = {"ready": False, "reason": "not probed yet", "name": None}
     app[CLOSING] = asyncio.Event()
+    app[ROLE] = role
 
     async def _closing(app: web.Application) -> None:
         app[CLOSING].set()
 
     app.on_shutdown.append(_closing)
-    app.add_routes(routes)
-    app.add_routes(billing_routes)
-    app.cleanup_ctx.append(_platform_ctx(ov))
+    if role == "serve":
+        app.add_routes(routes)
+        app.add_routes(billing_routes)
+    app.cleanup_ctx.append(
+        _platform_ctx(
+            ov,
+            runs=role == "worker" or settings.embedded_runs,
+            concurrency=concurrency or settings.workers,
+            drain_timeout=drain_timeout if role == "worker" else None,
+        )
+    )
     return app
 
 
-def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[None]]:
+async def _connect_bus(settings: Settings) -> JetStreamBus:
+    lease = settings.run_lease_sec
+    try:
+        return await JetStreamBus.connect(
+            JetStreamConfig(
+                url=str(settings.nats_url),
+                creds=settings.nats_creds,
+                namespace=settings.nats_namespace,
+                # well inside a lease: a run requeued after its worker died (a lease or more
+                # after its first publish) goes out again with the same id and must not be
+                # dropped as a duplicate; relays racing on one outbox row are milliseconds apart
+                duplicate_window=lease / 2,
+                runs_ack_wait=lease,  # heartbeats (in_progress) come every third of it
+                runs_max_deliver=settings.max_deliver,
+            )
+        )
+    except BusUnavailable as e:
+        raise AppError("UNAVAILABLE", str(e)) from e
+
+
+def _platform_ctx(
+    ov: Overrides, *, runs: bool, concurrency: int, drain_timeout: float | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         settings.ensure_data_dir()
+        bus: JetStreamBus | None = None
+        if settings.nats_url and (ov.queue is None or ov.jobs is None):
+            bus = await _connect_bus(settings)  # first: nothing to clean up if NATS is down
+            app[BUS] = bus
         key = settings.signing_key()
         clock = ov.clock or SystemClock()
         engine = make_engine(settings.sqlalchemy_url)
         if ov.migrate:
             await upgrade(engine)
-        ledger = SqlLedger(engine, clock, idempotency_ttl=settings.idempotency_ttl)
+        ledger = SqlLedger(
+            engine,
+            clock,
+            idempotency_ttl=settings.idempotency_ttl,
+            hot_pool_size=settings.db_hot_pool,
+        )
+        await ledger.fast.warm()  # writer thread / connection pool ready before traffic
         head = _HeadWriter(ledger)
         audit = AuditLog(settings.data_dir / "audit" / "audit.jsonl", on_head=head)
         await audit.start()
-        queue = ov.queue or MemoryQueue()
-        jobs = ov.jobs or MemoryQueue(ack_wait=60.0, max_deliver=6)
+        queue: Queue = ov.queue or (bus.runs if bus is not None else MemoryQueue())
+        jobs: Queue = ov.jobs or (
+            bus.jobs if bus is not None else MemoryQueue(ack_wait=60.0, max_deliver=6)
+        )
         relay = OutboxRelay(
             ledger, queue, routes={"webhook.": jobs, "github.": jobs, "billing.": jobs}
         )
@@ -129,7 +193,20 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                 local_artifacts, {"github:": GitHubArtifactStore(github)}
             )
         state = app[SANDBOX_STATE]
-        sandbox = await _sandbox(settings, ov, state)
+        sandbox: Sandbox | None = None
+        if runs or bus is None:
+            sandbox = await _sandbox(settings, ov, state)
+        else:  # casts are run by `spell worker` processes, each probing its own sandbox
+            state.update(ready=True, reason=None, name="remote (spell worker)")
+        if not runs and bus is None and ov.run_worker:
+            log.warning(
+                "this server runs no casts (SPELL_SERVE_RUNS=0 or SPELL_WORKERS=0) and has no "
+                "NATS_URL: casts stay queued until a server that runs them starts"
+            )
+        if drain_timeout is not None and sandbox is None:
+            raise AppError(
+                "SANDBOX_UNAVAILABLE", f"this worker cannot sandbox spells: {state['reason']}"
+            )
         stripe = _stripe(settings)
         platform = Platform(
             config=PlatformConfig(
@@ -161,7 +238,8 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             metrics = app[METRICS]
             billing = BillingService(
                 config=BillingConfig(
-                    public_url=(settings.public_url or "http://127.0.0.1:8080").rstrip("/")
+                    public_url=(settings.public_url or "http://127.0.0.1:8080").rstrip("/"),
+                    plans=settings.plans(),
                 ),
                 stripe=stripe,
                 store=BillingStore(ledger, clock),
@@ -192,6 +270,8 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             app[GITHUB] = gh_service
         tasks: list[asyncio.Task[None]] = []
         executor: RunExecutor | None = None
+        consumer: RunConsumer | None = None
+        consumer_task: asyncio.Task[None] | None = None
         if ov.run_worker and (gh_service is not None or billing is not None):
             handlers: dict[str, JobHandler] = {}
             if gh_service is not None:
@@ -208,12 +288,15 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                         "webhook.stripe": billing.on_webhook_job,
                         "billing.charge": billing.on_charge_job,
                         "billing.retry": billing.on_retry_job,
+                        "billing.usage": billing.on_usage_job,
+                        "billing.meter": billing.on_meter_job,
+                        "billing.refund": billing.on_refund_job,
                     }
                 )
             job_consumer = JobConsumer(
                 jobs,
                 handlers,
-                max_deliver=jobs.max_deliver if isinstance(jobs, MemoryQueue) else 6,
+                max_deliver=int(getattr(jobs, "max_deliver", 6)),
                 backoff=ov.job_backoff,
                 on_dead=_dead_letters(gh_service, billing),
             )
@@ -224,6 +307,13 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                 )
             if billing is not None:
                 tasks.append(asyncio.create_task(_billing_periods(billing), name="billing-periods"))
+                if settings.billing_reconcile_interval > 0:
+                    tasks.append(
+                        asyncio.create_task(
+                            reconcile_forever(billing, settings.billing_reconcile_interval),
+                            name="billing-reconcile",
+                        )
+                    )
         if ov.run_worker:
             if isinstance(queue, MemoryQueue):
                 # The in-process queue starts empty: publish every queued cast again (the
@@ -235,7 +325,7 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
             await reaper.reap_once()
             tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
             tasks.append(asyncio.create_task(reaper.run(), name="lease-reaper"))
-            if sandbox is not None:
+            if sandbox is not None and runs:
                 executor = RunExecutor(
                     platform=platform,
                     sandbox=sandbox,
@@ -250,16 +340,23 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                 consumer = RunConsumer(
                     queue,
                     executor,
-                    concurrency=settings.workers,
+                    concurrency=concurrency,
                     heartbeat_every=settings.run_lease_sec / 3,
                     max_deliver=getattr(queue, "max_deliver", 5),
                 )
                 app[CONSUMER] = consumer
-                tasks.append(asyncio.create_task(consumer.run(), name="run-consumer"))
+                consumer_task = asyncio.create_task(consumer.run(), name="run-consumer")
+                tasks.append(consumer_task)
             tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))
         try:
             yield
         finally:
+            if consumer is not None and consumer_task is not None and drain_timeout is not None:
+                # graceful drain: fetch no more, finish the running casts (commit, then ack)
+                if not await consumer.drain(consumer_task, drain_timeout):
+                    log.warning("drain timed out: unfinished runs come back to other workers")
+                with contextlib.suppress(Exception):  # else the next relay anywhere sends them
+                    await relay.relay_once()  # the outbox rows of the last runs go out now
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -271,6 +368,8 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
                 await asyncio.to_thread(executor.close)
             await queue.close()
             await jobs.close()
+            if bus is not None:
+                await bus.close()
             if github is not None and ov.github is None:
                 await github.aclose()
             if stripe is not None:
@@ -286,6 +385,16 @@ def _platform_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[No
 async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> Sandbox | None:
     """Probe the sandbox once at start; service runs are refused (fail closed) if it fails."""
     warm = settings.sandbox_warm if ov.run_worker else 0
+    if ov.sandbox is None and not settings.unsafe_no_sandbox:
+        problem = process_budget_error(
+            warm=warm,
+            workers=settings.workers if ov.run_worker else 0,
+            uid_pool=settings.uid_pool(),
+        )
+        if problem is not None:  # fail closed with the reason (503 + /readyz), as below
+            state.update(ready=False, reason=problem, name=None)
+            log.error("sandbox settings refused, service runs are refused: %s", problem)
+            return None
     try:
         sandbox = ov.sandbox or detect_sandbox(
             uid=settings.sandbox_uid,

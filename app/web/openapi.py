@@ -1208,6 +1208,77 @@ def _billing_schemas() -> dict[str, Schema]:
                 "customer": {"type": "string"},
             }
         ),
+        "BillingSubscribe": _object(
+            {
+                "url": {"type": "string", "format": "uri"},
+                "session_id": {"type": "string"},
+                "customer": {"type": "string"},
+                "plan": {"type": "string"},
+            }
+        ),
+        "SubscribeRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["plan"],
+            "properties": {"plan": {"type": "string", "minLength": 1}},
+        },
+        "Plans": _object(
+            {
+                "plans": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": {"type": "string"},
+                            "base_price": {"type": ["string", "null"]},
+                            "metered_prices": {"type": "array", "items": {"type": "string"}},
+                        }
+                    ),
+                }
+            }
+        ),
+        "UsageRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["usage"],
+            "properties": {
+                "usage": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "description": "Quantities in the meters' units; at least one positive.",
+                    "properties": {
+                        m: {"type": ["integer", "null"], "minimum": 0}
+                        for m in ("casts", "compute_ms", "egress_mb")
+                    },
+                },
+                "account": {
+                    "type": ["string", "null"],
+                    "description": "Operators only: another account.",
+                },
+                "timestamp": {
+                    "type": ["integer", "null"],
+                    "description": "Unix seconds, within the past 35 days (default: now).",
+                },
+            },
+        },
+        "UsageRecorded": _object(
+            {
+                "usage_id": {"type": "string"},
+                "account": {"type": "string"},
+                "usage": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "timestamp": {"type": "integer"},
+                "identifiers": {
+                    "type": "array",
+                    "description": "The meter events' identifiers (`{usage_id}:{meter}`).",
+                    "items": {"type": "string"},
+                },
+                "status": {
+                    "type": "string",
+                    "enum": ["queued", "recorded"],
+                    "description": "`queued`: to be sent to Stripe as meter events; "
+                    "`recorded`: ledger-only mode.",
+                },
+            }
+        ),
     }
 
 
@@ -1268,6 +1339,74 @@ def _billing_paths() -> dict[str, Schema]:
                     **_errors("Unauthorized", "Forbidden"),
                     "503": unavailable,
                 },
+            )
+        },
+        "/v1/billing/plans": {
+            "get": _op(
+                "listPlans",
+                "billing",
+                "Subscription plans",
+                "The metered subscription plans configured on this server (`SPELL_STRIPE_PLANS`).",
+                {
+                    "200": _ok("The plans.", _schema("Plans")),
+                    **_errors("Unauthorized"),
+                    "503": unavailable,
+                },
+            )
+        },
+        "/v1/billing/subscribe": {
+            "post": _op(
+                "subscribePlan",
+                "billing",
+                "Subscribe to a metered plan",
+                "Creates a Stripe Checkout Session in `subscription` mode for the plan and "
+                "returns its URL; once the caster finishes it, the account's metered casts are "
+                "reported to the subscription's Billing Meters instead of being charged per "
+                "cast. 409 CONFLICT when the account already has a subscription.",
+                {
+                    "201": _ok("The Checkout URL.", _schema("BillingSubscribe")),
+                    **_errors("Unauthorized", "Forbidden", *JSON_BODY_ERRORS),
+                    "409": _error_response(
+                        409,
+                        "CONFLICT: the account already has a live subscription.",
+                        "CONFLICT",
+                        "the account already has a active subscription (pro)",
+                    ),
+                    "503": unavailable,
+                },
+                body=_json_body("SubscribeRequest", "The plan."),
+            )
+        },
+        "/v1/billing/usage": {
+            "post": _op(
+                "reportUsage",
+                "billing",
+                "Report metered usage",
+                "Records usage (in the meters' units) for the caller's account, or any account "
+                "for operators, in the ledger and — with Stripe billing — sends it to the "
+                "account's metered subscription as Billing Meter events, off the request path, "
+                "with identifiers Stripe deduplicates. Needs an Idempotency-Key. 409 CONFLICT "
+                "when the account has no metered subscription (with Stripe billing), 409 "
+                "IDEMPOTENCY_CONFLICT when the key was used for another request.",
+                {
+                    "201": _ok(
+                        "Recorded (or the replayed answer of an earlier request).",
+                        _schema("UsageRecorded"),
+                        headers={"Idempotent-Replayed": REPLAYED},
+                    ),
+                    **_errors("Unauthorized", "Forbidden", "NotFound", *JSON_BODY_ERRORS),
+                    "409": _error_response(
+                        409,
+                        "IDEMPOTENCY_CONFLICT: the Idempotency-Key was used with a different "
+                        "request; or CONFLICT: the account has no metered subscription (Stripe "
+                        "billing on).",
+                        "IDEMPOTENCY_CONFLICT",
+                        "this Idempotency-Key was used with a different request; send the same "
+                        "request to get the same answer, or use a new key",
+                    ),
+                },
+                parameters=[_param("IdempotencyKey")],
+                body=_json_body("UsageRequest", "The usage to report."),
             )
         },
         "/webhooks/stripe": {

@@ -76,13 +76,24 @@ class OutboxRelay:
             self._kick.clear()
 
 
+def is_dead_letter(msg: Message) -> bool:
+    """A delivery the queue hands out after ``max_deliver`` ran out (JetStream's MAX_DELIVERIES
+    advisory): whoever owns the subject ends what it was for, then acks it."""
+    return bool(getattr(msg, "dead", False))
+
+
 async def consume(
-    queue: Queue, handle: Callable[[Message], Awaitable[None]], *, concurrency: int
+    queue: Queue,
+    handle: Callable[[Message], Awaitable[None]],
+    *,
+    concurrency: int,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """``concurrency`` loops, each fetching one message at a time and handling it."""
+    """``concurrency`` loops, each fetching one message at a time and handling it; once ``stop``
+    is set they fetch no more (a message fetched meanwhile is given back with a nak)."""
 
     async def loop() -> None:
-        while True:
+        while stop is None or not stop.is_set():
             try:
                 msgs = await queue.fetch(1, timeout=1.0)
             except asyncio.CancelledError:
@@ -92,6 +103,9 @@ async def consume(
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
+                if stop is not None and stop.is_set():
+                    await msg.nak()
+                    continue
                 await handle(msg)
 
     async with asyncio.TaskGroup() as tg:
@@ -117,39 +131,104 @@ class RunConsumer:
         self.heartbeat_every = heartbeat_every
         self.max_deliver = max_deliver
         self.busy = 0
+        self.stopping = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no run request is being handled
+        self._idle.set()
 
     async def run(self) -> None:
-        await consume(self.queue, self.handle, concurrency=self.concurrency)
+        await consume(self.queue, self.handle, concurrency=self.concurrency, stop=self.stopping)
+
+    async def drain(self, task: asyncio.Task[None], timeout: float) -> bool:
+        """Graceful stop: fetch no more, let the running casts finish (commit, then ack), then
+        end ``task`` (the one running :meth:`run`). False if runs were still going at
+        ``timeout``: they are cancelled, and their casts come back through the lease reaper."""
+        self.stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        drained = self.busy == 0
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return drained
 
     async def handle(self, msg: Message) -> None:
         cast_id = str(msg.payload.get("cast_id", ""))
-        self.busy += 1
-        beat = asyncio.create_task(self._heartbeat(msg))
-        try:
-            await self.executor.execute(cast_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            beat.cancel()
-            if msg.num_delivered >= self.max_deliver:
-                log.exception("run request for cast %s failed for good; failing the cast", cast_id)
-                await self._give_up(msg, cast_id)
-                return
-            log.exception("run request for cast %s failed; it will be delivered again", cast_id)
-            await msg.nak(delay=2.0)
+        if is_dead_letter(msg):
+            await self._dead_letter(msg, cast_id)
             return
+        log.debug(
+            "run request for cast %s (delivery %d)",
+            cast_id,
+            msg.num_delivered,
+            extra={"cast_id": cast_id, "traceparent": msg.headers.get("traceparent")},
+        )
+        self.busy += 1  # until the ack is sent: a drain waits for it
+        self._idle.clear()
+        try:
+            beat = asyncio.create_task(self._heartbeat(msg))
+            try:
+                await self.executor.execute(cast_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                beat.cancel()
+                if msg.num_delivered >= self.max_deliver:
+                    log.exception(
+                        "run request for cast %s failed for good; failing the cast", cast_id
+                    )
+                    await self._give_up(msg, cast_id)
+                    return
+                log.exception("run request for cast %s failed; it will be delivered again", cast_id)
+                await msg.nak(delay=2.0)
+                return
+            finally:
+                beat.cancel()
+            await msg.ack()  # after the result is committed (the queue's ack is synchronous)
         finally:
             self.busy -= 1
-            beat.cancel()
-        await msg.ack()
+            if self.busy == 0:
+                self._idle.set()
 
-    async def _give_up(self, msg: Message, cast_id: str) -> None:
+    async def _dead_letter(self, msg: Message, cast_id: str) -> None:
+        """Its deliveries ran out without an ack (workers died or hung on it every time): fail
+        the cast unless a live worker holds it (then its lease decides)."""
+        try:
+            cast = await self.executor.ledger.get_cast(cast_id) if cast_id else None
+        except Exception:
+            log.exception("reading cast %s for its dead letter failed; retrying", cast_id)
+            await msg.nak(delay=5.0)
+            return
+        if cast is None or cast.status not in ("queued", "running"):
+            await msg.ack()
+            return
+        now = self.executor.platform.clock.now()
+        if cast.status == "running" and cast.lease_until is not None and cast.lease_until > now:
+            log.warning("dead letter for cast %s, which a live worker runs: dropped", cast_id)
+            await msg.ack()
+            return
+        log.error(
+            "the run request of cast %s was delivered %d times without completing; failing it",
+            cast_id,
+            msg.num_delivered,
+        )
+        await self._give_up(
+            msg,
+            cast_id,
+            message=f"the run request was delivered {msg.num_delivered} times and never "
+            "completed (dead-lettered); nothing was charged",
+        )
+
+    async def _give_up(
+        self,
+        msg: Message,
+        cast_id: str,
+        *,
+        message: str = "the platform could not run this cast; nothing was charged",
+    ) -> None:
         """The last delivery failed too: end the cast (releasing its money), then drop it."""
         try:
             done = await self.executor.ledger.fail_unfinished(
-                cast_id,
-                error_code="INTERNAL",
-                error_message="the platform could not run this cast; nothing was charged",
+                cast_id, error_code="INTERNAL", error_message=message
             )
             if done is not None:
                 self.executor.platform.hub.notify(cast_id)
@@ -162,7 +241,10 @@ class RunConsumer:
                     amount_cents=0,
                     currency=done.currency,
                     traceparent=done.traceparent,
-                    data={"error": {"code": "INTERNAL"}, "released_cents": done.estimate_cents},
+                    data={
+                        "error": {"code": "INTERNAL", "message": message},
+                        "released_cents": done.estimate_cents,
+                    },
                 )
         except Exception:
             log.exception("could not fail cast %s; the lease reaper will retry it", cast_id)
@@ -243,6 +325,19 @@ class JobConsumer:
         return None
 
     async def handle(self, msg: Message) -> None:
+        if is_dead_letter(msg):
+            log.error("job %s was delivered %d times without an ack", msg.msg_id, msg.num_delivered)
+            if self.on_dead is not None:
+                try:
+                    await self.on_dead(
+                        msg, f"delivered {msg.num_delivered} times without completing"
+                    )
+                except Exception:
+                    log.exception("recording dead job %s failed", msg.msg_id)
+                    await msg.nak(delay=self.backoff)
+                    return
+            await msg.ack()
+            return
         handler = self._handler(msg.subject)
         if handler is None:
             log.error("no handler for job subject %s; dropping it", msg.subject)

@@ -21,9 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from app.domain.billing import meter_quantities
 from app.domain.pricing import Usage, actual_cents
 from app.domain.spells import SpellDocument
 from app.runner.bundle import extract_bundle, zip_output
+from app.runner.fstree import remove_tree
 from app.runner.sandbox import SANDBOX_PYTHON, Sandbox, SandboxResult, SandboxSpec
 from app.services.platform import Platform
 from app.store.ledger import new_id
@@ -124,7 +126,7 @@ class RunExecutor:
     def close(self) -> None:
         """Remove this process's private work folder (extracted bundles, run folders)."""
         if self.private_work_dir is not None:
-            shutil.rmtree(self.private_work_dir, ignore_errors=True)
+            remove_tree(self.private_work_dir)  # iterative: any depth a spell made
 
     async def heartbeat(self, cast_id: str) -> None:
         attempt = self.active.get(cast_id)
@@ -166,7 +168,7 @@ class RunExecutor:
         finally:
             self.active.pop(cast_id, None)
             await _settled(running)
-            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            await asyncio.to_thread(remove_tree, run_dir)  # iterative: any depth the spell made
 
     async def _run(
         self, cast: Cast, attempt: int, run_dir: Path, running: asyncio.Future[Any]
@@ -236,9 +238,8 @@ class RunExecutor:
             created_at=now,
             expires_at=now + timedelta(seconds=self.config.artifact_ttl),
         )
-        cost = actual_cents(
-            doc.pricing, Usage(compute_ms=result.duration_ms, egress_bytes=result.output_bytes)
-        )
+        used = Usage(compute_ms=result.duration_ms, egress_bytes=result.output_bytes)
+        cost = actual_cents(doc.pricing, used)
         await self._finish(
             cast,
             attempt,
@@ -246,6 +247,7 @@ class RunExecutor:
             cost=cost,
             artifact=artifact,
             extra={"duration_ms": result.duration_ms, "artifact_digest": digest},
+            usage=meter_quantities(doc.pricing, used),
         )
 
     def _bundle(self, digest: str) -> Path:
@@ -255,14 +257,20 @@ class RunExecutor:
         if not staged.exists() and self.bundles_dir != self.archive_dir:
             self.bundles_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.bundles_dir, 0o711)  # noqa: S103 - the sandbox uid must traverse it
-            tmp = staged.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(self.archive_dir / name, tmp)
-            os.replace(tmp, staged)
+            # a unique temporary name: two runs of one spell may stage it at the same time
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.bundles_dir)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                shutil.copyfile(self.archive_dir / name, tmp)
+                os.replace(tmp, staged)
+            finally:
+                tmp.unlink(missing_ok=True)
         return extract_bundle(digest, self.bundles_dir)
 
     def _prepare(self, run_dir: Path, payload: dict[str, Any]) -> tuple[Path, Path]:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        if run_dir.exists() and not remove_tree(run_dir):
+            raise RuntimeError(f"could not remove the leftover run folder {run_dir}")
         run_dir.mkdir(parents=True)
         out_dir = run_dir / "out"
         out_dir.mkdir()
@@ -283,6 +291,7 @@ class RunExecutor:
         message: str | None = None,
         artifact: Artifact | None = None,
         extra: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
     ) -> None:
         done = await self.ledger.finish(
             cast.id,
@@ -293,6 +302,7 @@ class RunExecutor:
             error_message=message,
             artifact=artifact,
             extra_event=extra,
+            usage=usage,
         )
         if done is None:
             log.warning("cast %s attempt %d was superseded; result dropped", cast.id, attempt)

@@ -425,6 +425,7 @@ class FakeStripe:
                     ],
                 },
                 "metadata": dict(cs["metadata"]),
+                "default_payment_method": pm,
                 "created": self.now(),
                 "livemode": False,
             }
@@ -438,12 +439,22 @@ class FakeStripe:
         kind = "deleted" if sub["status"] == "canceled" else "updated"
         return self.event(f"customer.subscription.{kind}", sub)
 
-    def invoice_event(self, customer_id: str, *, paid: bool, amount: int = 1000) -> dict[str, Any]:
+    def invoice_event(
+        self,
+        customer_id: str,
+        *,
+        paid: bool,
+        amount: int = 1000,
+        subscription: str | None = None,
+        payment_intent: str | None = None,
+    ) -> dict[str, Any]:
         inv_id = self.new_id("in")
         self.invoices[inv_id] = {
             "id": inv_id,
             "object": "invoice",
             "customer": customer_id,
+            "subscription": subscription,
+            "payment_intent": payment_intent,
             "amount_due": amount,
             "amount_paid": amount if paid else 0,
             "currency": "usd",
@@ -1191,3 +1202,44 @@ class FakeStripe:
             if e["event_name"] == event_name
             and e["payload"].get("stripe_customer_id") == customer_id
         )
+
+    def op_GetBillingMetersIdEventSummaries(self, path, params, rec):  # type: ignore[no-untyped-def]
+        """One summary for the whole window (``value_grouping_window`` not modelled). Stripe
+        requires minute-aligned bounds."""
+        meter = self._get(self.meters, path["id"], "billing.meter")
+        start, end = int(params["start_time"]), int(params["end_time"])
+        for name, value in (("start_time", start), ("end_time", end)):
+            if value % 60:
+                raise StripeReply(
+                    400,
+                    f"`{name}` must be aligned with minute boundaries.",
+                    code="parameter_invalid",
+                    param=name,
+                )
+        customer = params["customer"]
+        value = sum(
+            int(e["payload"]["value"])
+            for e in self.meter_events
+            if e["event_name"] == meter["event_name"]
+            and e["payload"].get("stripe_customer_id") == customer
+            and start <= int(e["timestamp"]) < end
+        )
+        summary = {
+            "id": f"mtrusg_{meter['id']}_{start}_{end}",
+            "object": "billing.meter_event_summary",
+            "aggregated_value": float(value),
+            "start_time": start,
+            "end_time": end,
+            "meter": meter["id"],
+            "livemode": False,
+        }
+        return 200, {
+            "object": "list",
+            "data": [summary],
+            "has_more": False,
+            "url": f"/v1/billing/meters/{meter['id']}/event_summaries",
+        }
+
+    def op_GetSubscriptionsSubscriptionExposedId(self, path, params, rec):  # type: ignore[no-untyped-def]
+        sub_id = path["subscription_exposed_id"]
+        return 200, self._public(self._get(self.subscriptions, sub_id, "subscription"))

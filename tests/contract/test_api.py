@@ -427,3 +427,17 @@ async def test_when_the_sandbox_probe_fails_service_casts_are_refused(
     ready = await client.get("/readyz")
     assert ready.status == 503
     assert "namespace" in (await ready.json())["checks"]["sandbox"]
+
+
+async def test_sandbox_settings_that_would_starve_spells_of_processes_fail_closed(
+    aiohttp_client: Any, settings: Any
+) -> None:
+    from app.web.app import Overrides, create_app
+
+    # 3 processes per idle sandbox on ONE shared uid (no uid pool): 20 warm + 1 worker is far
+    # over half of its process limit, so spells would fail to fork — refuse service runs.
+    crowded = settings.model_copy(update={"sandbox_warm": 20, "workers": 1})
+    client = await aiohttp_client(create_app(crowded, overrides=Overrides(run_worker=True)))
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "SPELL_SANDBOX_UID_POOL" in (await ready.json())["checks"]["sandbox"]

@@ -264,8 +264,12 @@ def test_a_cast_refused_by_the_cap_is_402_with_retry_after(doc: dict[str, Any]) 
 
 @pytest.mark.parametrize(
     ("operation", "ok"),
-    [(("POST", "/v1/spells/{spell_id}:cast"), "202"), (("POST", "/v1/billing/caps"), "200")],
-    ids=["cast", "caps"],
+    [
+        (("POST", "/v1/spells/{spell_id}:cast"), "202"),
+        (("POST", "/v1/billing/caps"), "200"),
+        (("POST", "/v1/billing/usage"), "201"),
+    ],
+    ids=["cast", "caps", "usage"],
 )
 def test_idempotent_operations_require_the_key_and_say_when_they_replay(
     doc: dict[str, Any], operation: Operation, ok: str
@@ -279,7 +283,11 @@ def test_idempotent_operations_require_the_key_and_say_when_they_replay(
 
 def test_only_the_idempotent_operations_take_the_key(doc: dict[str, Any]) -> None:
     takers = {k for k, op in operations(doc).items() if "Idempotency-Key" in header_names(doc, op)}
-    assert takers == {("POST", "/v1/spells/{spell_id}:cast"), ("POST", "/v1/billing/caps")}
+    assert takers == {
+        ("POST", "/v1/spells/{spell_id}:cast"),
+        ("POST", "/v1/billing/caps"),
+        ("POST", "/v1/billing/usage"),
+    }
 
 
 def test_cast_events_are_a_resumable_event_stream(doc: dict[str, Any]) -> None:
@@ -305,8 +313,13 @@ def test_every_request_body_is_a_component_or_binary(doc: dict[str, Any]) -> Non
         ("POST", "/v1/spells"),
         ("POST", "/v1/spells/{spell_id}:cast"),
         ("POST", "/v1/billing/caps"),
+        ("POST", "/v1/billing/subscribe"),
+        ("POST", "/v1/billing/usage"),
         ("POST", "/webhooks/github"),
         ("POST", "/webhooks/stripe"),
+    }
+    assert bodies[("POST", "/v1/billing/usage")]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/UsageRequest"
     }
     assert bodies[("POST", "/v1/spells")]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/SpellDocument"

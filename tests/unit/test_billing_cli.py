@@ -28,6 +28,7 @@ def test_since_takes_durations_and_dates() -> None:
     [
         pytest.param(["refund", "c_1"], id="refund"),
         pytest.param(["billing", "reconcile"], id="rec"),
+        pytest.param(["billing", "meters", "ensure"], id="meters"),
     ],
 )
 def test_operator_billing_commands_need_stripe_configured(
@@ -43,3 +44,15 @@ def test_operator_billing_commands_need_stripe_configured(
 def test_refund_amounts_are_positive_cents() -> None:
     result = CliRunner().invoke(cli, ["refund", "c_1", "--amount", "0"])
     assert result.exit_code == 2
+
+
+def test_usage_needs_a_quantity() -> None:
+    result = CliRunner().invoke(cli, ["billing", "usage"])
+    assert result.exit_code == 2
+    assert "give --casts, --compute-ms and/or --egress-mb" in result.output
+
+
+def test_plan_subscribe_needs_a_plan() -> None:
+    result = CliRunner().invoke(cli, ["plan", "subscribe"])
+    assert result.exit_code == 2
+    assert "Missing argument 'PLAN'" in result.output
