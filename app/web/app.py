@@ -47,6 +47,7 @@ from app.store.github_store import GitHubStore
 from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
 from app.web.keys import (
+    BUS,
     CLOSING,
     CONSUMER,
     GITHUB,
@@ -70,7 +71,6 @@ log = logging.getLogger("spell.app")
 
 AUDIT_LOG = "main"
 
-BUS = web.AppKey("bus", JetStreamBus)  # set when NATS_URL is
 ROLE = web.AppKey("role", str)  # "serve" (the API) | "worker" (`spell worker`: runs only)
 
 

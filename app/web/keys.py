@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from app.bus.jetstream import JetStreamBus
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
 from app.github.service import GitHubService
@@ -28,6 +29,7 @@ JOBS = web.AppKey("jobs", Queue)
 GITHUB = web.AppKey("github", GitHubService)
 CONSUMER = web.AppKey("consumer", RunConsumer)
 SANDBOX_STATE = web.AppKey("sandbox_state", dict)
+BUS = web.AppKey("bus", JetStreamBus)  # set when NATS_URL is
 CLOSING = web.AppKey("closing", asyncio.Event)  # set on shutdown: long-lived streams end
 
 # Per-request state

@@ -17,6 +17,7 @@ from app.errors import AppError
 from app.github.webhooks import BadDelivery, DeliveryHeaders, InvalidSignature, verify_signature
 from app.runner.bundle import BundleError, store_bundle
 from app.web.keys import (
+    BUS,
     CLOSING,
     GITHUB,
     INBOX,
@@ -159,6 +160,13 @@ async def readyz(request: web.Request) -> web.Response:
         ok = False
         checks["sandbox"] = f"unavailable: {sandbox.get('reason')}"
     checks["sandbox_kind"] = sandbox.get("name")
+    bus = request.app.get(BUS)
+    if bus is not None:  # NATS_URL is set: casts are queued through JetStream
+        if bus.connected:
+            checks["nats"] = "ok"
+        else:
+            ok = False
+            checks["nats"] = "disconnected"
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
     )

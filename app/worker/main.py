@@ -27,8 +27,8 @@ from sqlalchemy import text
 from app.config import Settings
 from app.errors import AppError
 from app.runner.sandbox import BwrapSandbox, SandboxUnavailable, detect_sandbox
-from app.web.app import BUS, Overrides, create_app
-from app.web.keys import CONSUMER, LEDGER, SANDBOX_STATE
+from app.web.app import Overrides, create_app
+from app.web.keys import BUS, CONSUMER, LEDGER, SANDBOX_STATE
 
 health_routes = web.RouteTableDef()
 

@@ -39,8 +39,8 @@ from aiohttp.test_utils import TestClient
 from app.bus.jetstream import JetStreamBus, JetStreamConfig
 from app.config import Settings
 from app.store.auditlog import verify_file
-from app.web.app import BUS, Overrides, create_app
-from app.web.keys import CONSUMER, SANDBOX_STATE
+from app.web.app import Overrides, create_app
+from app.web.keys import BUS, CONSUMER, SANDBOX_STATE
 from app.worker.main import build_worker_app
 from tests.conftest import TABLES, FakeSandbox, Harness, skip_or_fail
 
@@ -361,6 +361,7 @@ async def test_a_published_cast_runs_once_on_a_worker(
     assert CONSUMER not in api.client.app  # with NATS_URL, `spell serve` runs no casts itself
     ready = await (await api.client.get("/readyz")).json()
     assert ready["checks"]["sandbox"] == "ok"
+    assert ready["checks"]["nats"] == "ok"  # the API reports its NATS connection too
     bus = api.client.app[BUS]
     maker, caster = await api.token("m", "maker"), await api.token("c", "caster")
     await publish_spell(api, maker, main_py="print('hi')\n", flat_cents=4)
