@@ -184,10 +184,10 @@ class Platform:
             if exp + tokens.LEEWAY_S < now.timestamp():
                 raise AppError("UNAUTHORIZED", "the token has expired; issue a new one")
             return caller
-        caller = tokens.verify(self.config.signing_key, token, now=now)
+        caller, exp = tokens.verify_with_expiry(self.config.signing_key, token, now=now)
         if len(self._tokens) >= 4096:
             self._tokens.clear()
-        self._tokens[token] = (caller, tokens.expiry(token))
+        self._tokens[token] = (caller, exp)
         return caller
 
     # ------------------------------------------------------------------ publishing

@@ -64,6 +64,11 @@ def issue(
 
 
 def verify(key: bytes, token: str, *, now: datetime) -> Caller:
+    return verify_with_expiry(key, token, now=now)[0]
+
+
+def verify_with_expiry(key: bytes, token: str, *, now: datetime) -> tuple[Caller, int]:
+    """:func:`verify`, also returning the token's ``exp`` (for callers that cache it)."""
     try:
         claims = jwt.decode(
             token,
@@ -88,18 +93,13 @@ def verify(key: bytes, token: str, *, now: datetime) -> Caller:
         raise AppError("UNAUTHORIZED", "the token has expired; issue a new one")
     try:
         role = str(claims["role"])
-        return Caller(
+        caller = Caller(
             principal_id=str(claims["sub"]),
             account_id=str(claims["acct"]),
             role=role,
             scopes=scopes_for(role),
             token_id=str(claims["jti"]),
         )
+        return caller, int(claims["exp"])
     except (KeyError, ValueError):
         raise AppError("UNAUTHORIZED", "the bearer token is not valid") from None
-
-
-def expiry(token: str) -> int:
-    """The ``exp`` claim of a token :func:`verify` has accepted (read without verifying)."""
-    claims = jwt.decode(token, options={"verify_signature": False})
-    return int(claims["exp"])
