@@ -31,9 +31,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict app/
-	$(VENV)/bin/actionlint templates/workflows/*.yml
-	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows templates/workflows/*.yml
-	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-actions actions/*/action.yml
+	$(VENV)/bin/actionlint .github/workflows/*.yml templates/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml templates/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-actions actions/*/action.yml action.yml
 
 # GitHub's OpenAPI description and webhook examples, Stripe's OpenAPI spec (npm): contract tests
 # validate against them. Installed into .cache/contracts, never committed.

@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         description="Single-use sandboxes kept pre-spawned, so runs skip the bubblewrap start-up "
         "(0: every run starts cold).",
     )
+    proxy_max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1,
+        le=1 << 40,
+        validation_alias="SPELL_PROXY_MAX_BYTES",
+        description="Bytes (both directions, all tunnels) one run may move through the network "
+        "allow-list proxy before its tunnels are closed.",
+    )
     run_lease_sec: float = Field(
         default=30.0,
         gt=0,
@@ -174,6 +182,77 @@ class Settings(BaseSettings):
         le=100,
         validation_alias="SPELL_MAX_DELIVER",
         description="Deliveries of a run request before it is dead-lettered and its cast fails.",
+    )
+
+    # --- S3-compatible artifact store (off until SPELL_ARTIFACTS_URL is set: local folder) ---
+    artifacts_url: str | None = Field(
+        default=None,
+        validation_alias="SPELL_ARTIFACTS_URL",
+        pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        description="Object store for artifacts: s3://BUCKET/PREFIX (AWS S3, Cloudflare R2, "
+        "MinIO; see AWS_ENDPOINT_URL). Unset: the data dir's artifacts folder.",
+    )
+    aws_access_key_id: SecretStr | None = Field(
+        default=None,
+        validation_alias="AWS_ACCESS_KEY_ID",
+        description="Object store access key id. Unset: the AWS default chain (role, ~/.aws).",
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="AWS_SECRET_ACCESS_KEY",
+        description="Object store secret access key.",
+    )
+    aws_session_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="AWS_SESSION_TOKEN",
+        description="Session token of temporary (STS) credentials.",
+    )
+    aws_region: str | None = Field(
+        default=None,
+        validation_alias="AWS_REGION",
+        description="Bucket region (R2: auto). Unset: AWS_DEFAULT_REGION, else us-east-1.",
+    )
+    aws_default_region: str | None = Field(
+        default=None,
+        validation_alias="AWS_DEFAULT_REGION",
+        description="Bucket region when AWS_REGION is unset.",
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias="AWS_ENDPOINT_URL",
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="S3-compatible endpoint, e.g. https://ACCOUNT.r2.cloudflarestorage.com or "
+        "http://minio:9000. Unset: AWS S3. Clients download from it (presigned URLs).",
+    )
+    artifacts_sse: str = Field(
+        default="AES256",
+        pattern=r"^(AES256|aws:kms|off)$",
+        validation_alias="SPELL_ARTIFACTS_SSE",
+        description="Server-side encryption requested on upload: AES256, aws:kms (with "
+        "SPELL_ARTIFACTS_KMS_KEY_ID) or off (servers that encrypt anyway or cannot).",
+    )
+    artifacts_kms_key_id: str | None = Field(
+        default=None,
+        validation_alias="SPELL_ARTIFACTS_KMS_KEY_ID",
+        description="KMS key id/ARN for SPELL_ARTIFACTS_SSE=aws:kms (unset: the bucket's key).",
+    )
+    artifacts_checksum: bool = Field(
+        default=True,
+        validation_alias="SPELL_ARTIFACTS_CHECKSUM",
+        description="Send ChecksumSHA256 with uploads so the server verifies them (0 for a "
+        "server that refuses checksum headers; the digest is still verified on read).",
+    )
+    artifacts_path_style: bool = Field(
+        default=False,
+        validation_alias="SPELL_ARTIFACTS_PATH_STYLE",
+        description="Path-style bucket URLs (ENDPOINT/BUCKET/KEY), e.g. for MinIO.",
+    )
+    artifacts_part_size: int = Field(
+        default=16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        validation_alias="SPELL_ARTIFACTS_PART_SIZE",
+        description="Uploads larger than this go multipart in parts of this many bytes.",
     )
 
     # --- GitHub App (off until configured; `spell app create` writes these) -----------------
@@ -217,6 +296,45 @@ class Settings(BaseSettings):
         validation_alias="SPELL_MAX_WEBHOOK_BYTES",
         description="Largest webhook delivery accepted (GitHub sends at most 25 MB).",
     )
+    # --- OIDC sign-in for workflows (POST /v1/oidc/token; links: `spell oidc allow`) ---------
+    oidc_issuer: str = Field(
+        default="https://token.actions.githubusercontent.com",
+        min_length=1,
+        validation_alias="SPELL_OIDC_ISSUER",
+        description="Issuer (`iss`) whose OIDC tokens may be exchanged for platform tokens "
+        "(GitHub Actions; GitHub Enterprise Server: https://HOST/_services/token).",
+    )
+    oidc_audience: str = Field(
+        default="spell-platform",
+        min_length=1,
+        validation_alias="SPELL_OIDC_AUDIENCE",
+        description="Audience (`aud`) the OIDC tokens must be issued for.",
+    )
+    oidc_jwks_url: str | None = Field(
+        default=None,
+        validation_alias="SPELL_OIDC_JWKS_URL",
+        description="Where the issuer's signing keys are fetched (default: "
+        "<issuer>/.well-known/jwks).",
+    )
+
+    @property
+    def oidc_jwks(self) -> str:
+        """The JWKS URL of the OIDC issuer (``SPELL_OIDC_JWKS_URL`` or the issuer's default)."""
+        return self.oidc_jwks_url or self.oidc_issuer.rstrip("/") + "/.well-known/jwks"
+
+    webhook_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        validation_alias="SPELL_WEBHOOK_PORT",
+        description="Port of the dedicated GitHub webhook ingest front (POST /webhooks/github "
+        "only, batched durable inbox); unset: off (the API's /webhooks/github still works).",
+    )
+    webhook_host: str | None = Field(
+        default=None,
+        validation_alias="SPELL_WEBHOOK_HOST",
+        description="Address the webhook ingest front listens on (default: the API's --host).",
+    )
     # --- Stripe billing (off until STRIPE_API_KEY is set: ledger-only mode) -------------------
     stripe_api_key: SecretStr | None = Field(
         default=None,
@@ -247,19 +365,87 @@ class Settings(BaseSettings):
         validation_alias="SPELL_BILLING_RECONCILE_INTERVAL",
         description="Seconds between the worker's scheduled reconciliations with Stripe (0: off).",
     )
+    billing_in_serve: bool | None = Field(
+        default=None,
+        validation_alias="SPELL_BILLING_IN_SERVE",
+        description="With NATS_URL and Stripe configured: whether `spell serve` also runs the "
+        "background jobs (Stripe settlement, Stripe/GitHub webhook handling, the billing "
+        "schedules). Unset: no, `spell worker` processes run them (the jobs share one JetStream "
+        "consumer, so they move together). Without NATS_URL `spell serve` always runs them.",
+    )
     idempotency_ttl: int = Field(
         default=24 * 3600,
         ge=60,
         validation_alias="SPELL_IDEMPOTENCY_TTL",
         description="Seconds an Idempotency-Key and its stored response are kept.",
     )
+    # --- retention (SPEC §8; durations: seconds, or a number with s/m/h/d/w: 24h, 7d) --------
+    retention_interval: int = Field(
+        default=300,
+        ge=0,
+        validation_alias="SPELL_RETENTION_INTERVAL",
+        description="Time between retention sweeps in `spell serve` and `spell worker` (seconds "
+        "or 5m-style; 0: no scheduled sweeps).",
+    )
+    retention_inputs: int = Field(
+        default=24 * 3600,
+        ge=1,
+        validation_alias="SPELL_RETENTION_INPUTS",
+        description="How long a finished cast's input (and webhook bodies, staged input files) "
+        "are kept, e.g. 24h; the input hash stays.",
+    )
+    retention_artifacts: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        validation_alias="SPELL_RETENTION_ARTIFACTS",
+        description="How long artifacts are kept, e.g. 7d (also deleted once their URL expired).",
+    )
+    retention_audit: int = Field(
+        default=30 * 24 * 3600,
+        ge=1,
+        validation_alias="SPELL_RETENTION_AUDIT",
+        description="How long audit records are kept locally, e.g. 30d; older segments are "
+        "exported to the object store, then deleted.",
+    )
+    retention_audit_segment: int = Field(
+        default=3600,
+        ge=1,
+        validation_alias="SPELL_RETENTION_AUDIT_SEGMENT",
+        description="Age of the active audit file's first record at which it is closed into a "
+        "segment, e.g. 1h (records leave at most this much after their period).",
+    )
+
+    @field_validator(
+        "retention_interval",
+        "retention_inputs",
+        "retention_artifacts",
+        "retention_audit",
+        "retention_audit_segment",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        from app.domain.retention import parse_duration
+
+        return parse_duration(v)
 
     @field_validator(
         "default_monthly_cap_cents",
         "default_total_cap_cents",
         "serve_runs",
+        "billing_in_serve",
         "nats_url",
         "nats_creds",
+        "artifacts_url",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws_region",
+        "aws_default_region",
+        "aws_endpoint_url",
+        "artifacts_kms_key_id",
+        "webhook_port",
+        "webhook_host",
         mode="before",
     )
     @classmethod
@@ -314,6 +500,15 @@ class Settings(BaseSettings):
         """Whether ``spell serve`` runs casts in its own process (see ``SPELL_SERVE_RUNS``)."""
         wanted = self.serve_runs if self.serve_runs is not None else not self.nats_url
         return wanted and self.workers > 0
+
+    @property
+    def serve_jobs(self) -> bool:
+        """Whether ``spell serve`` consumes the jobs queue (see ``SPELL_BILLING_IN_SERVE``).
+        Without NATS nobody else can; with NATS and Stripe configured, only if asked: the jobs
+        share one JetStream consumer, so billing cannot be left to the workers alone."""
+        if not self.nats_url or not self.stripe_enabled:
+            return True
+        return bool(self.billing_in_serve)
 
     def uid_pool(self) -> range:
         if not self.sandbox_uid_pool:

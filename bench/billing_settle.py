@@ -55,11 +55,13 @@ from cast_latency import open_loop
 from app.billing.service import BillingConfig, BillingService, RevenueCounter
 from app.billing.stripe_client import StripeClient
 from app.cli.local import local_engine
+from app.domain.billing import charge_key
 from app.services.ports import SystemClock
 from app.store.auditlog import AuditLog
 from app.store.billing_store import BillingStore
 from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
+from app.store.models import BillingCharge
 from tests.contract.fake_stripe import API_KEY
 
 PRICE_CENTS = 60
@@ -281,6 +283,251 @@ async def drain(n: int, concurrency: int, job: Callable[[int], Awaitable[None]])
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------ 1b. CPU per settlement
+
+
+class LegacyBillingStore(BillingStore):
+    """Settlement's database work as it was before app/store/billing_hot.py (ORM sessions,
+    ``SELECT … FOR UPDATE``), kept here only to measure the difference on the same machine."""
+
+    async def legacy_add_pending(self, cast: Any) -> BillingCharge | None:
+        from sqlalchemy import func, select, update
+
+        from app.domain.billing import plan_collection
+        from app.domain.caps import month_period
+        from app.store.models import BillingPending
+
+        now = self.clock.now()
+        async with self.ledger.write() as s:
+            await self._lock_customer(s, cast.caster_id)
+            await s.execute(
+                self.ledger._insert(BillingPending)
+                .values(
+                    cast_id=cast.id,
+                    account_id=cast.caster_id,
+                    amount_cents=cast.cost_cents,
+                    currency=cast.currency,
+                    period=month_period(cast.finished_at or now),
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["cast_id"])
+            )
+            charge_id = await s.scalar(
+                select(BillingPending.charge_id).where(BillingPending.cast_id == cast.id)
+            )
+            if charge_id is not None:
+                return await s.get(BillingCharge, charge_id)
+            total = int(
+                await s.scalar(
+                    select(func.coalesce(func.sum(BillingPending.amount_cents), 0)).where(
+                        BillingPending.account_id == cast.caster_id,
+                        BillingPending.currency == cast.currency,
+                        BillingPending.charge_id.is_(None),
+                    )
+                )
+                or 0
+            )
+            if plan_collection(total, cast.currency, period_ended=False).action != "charge":
+                return None
+            charge = BillingCharge(
+                id=charge_key(cast.id),
+                account_id=cast.caster_id,
+                kind="payment_intent",
+                currency=cast.currency,
+                amount_cents=0,
+                status="pending",
+                attempt=1,
+                refunded_cents=0,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(charge)
+            await s.flush()
+            claimed = await s.scalars(
+                update(BillingPending)
+                .where(
+                    BillingPending.account_id == cast.caster_id,
+                    BillingPending.currency == cast.currency,
+                    BillingPending.charge_id.is_(None),
+                )
+                .values(charge_id=charge.id)
+                .returning(BillingPending.amount_cents)
+                .execution_options(synchronize_session=False)
+            )
+            charge.amount_cents = sum(int(a) for a in claimed.all())
+            return charge
+
+    async def set_charge_state(  # type: ignore[override]
+        self,
+        charge_id: str,
+        status: str,
+        *,
+        from_states: Any = ("pending",),
+        stripe_id: str | None = None,
+        failure_code: str | None = None,
+        event_created: int | None = None,
+    ) -> bool:
+        from sqlalchemy import update
+
+        values: dict[str, Any] = {"status": status, "updated_at": self.clock.now()}
+        if stripe_id is not None:
+            values["stripe_id"] = stripe_id
+        if failure_code is not None or status == "succeeded":
+            values["failure_code"] = failure_code
+        async with self.ledger.write() as s:
+            res = await s.execute(
+                update(BillingCharge)
+                .where(BillingCharge.id == charge_id, BillingCharge.status.in_(list(from_states)))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(res.rowcount == 1)
+
+
+class LegacyBillingService(BillingService):
+    store: LegacyBillingStore
+
+    async def settle(self, cast_id: str) -> str | None:
+        cast = await self.ledger.get_cast(cast_id)
+        if cast is None or cast.status != "succeeded":
+            return None
+        await self._terms(cast)
+        charge = await self.store.legacy_add_pending(cast)
+        if charge is not None:
+            await self.collect(charge)  # reads the customer, then the lines for the audit
+        return "charge"
+
+
+async def cpu_phase(backend: str, n: int, concurrency: int, stripe_url: str) -> dict[str, Any]:
+    """CPU of this process per settled cast: the ORM settlement (before) against the
+    bare-driver one (now), on two sets of N casts of one database, plus the CPU of the Stripe
+    calls alone (the StripeClient's HTTP). The fake Stripe is another process."""
+    load_start = round(os.getloadavg()[0], 2)
+    async with c.platform_env(backend) as env, c.session(timeout=120) as s:
+        stripe_env(env, stripe_url)
+        accounts = [f"bench-caster-{i}" for i in range(ACCOUNTS)]
+        tokens = await c.issue_tokens(
+            env, [("bench-maker", "maker")] + [(a, "caster") for a in accounts]
+        )
+        maker, casters = tokens[0], tokens[1:]
+        await save_cards(env, s, stripe_url, accounts)
+        argv = [sys.executable, str(Path(__file__).parent / "_serve_noworker.py"), "--port"]
+        cast_ids: list[str] = []
+        async with c.running_server(env, [*argv, "{port}"]) as server:
+            url = server.url
+            digest = await c.upload_hello(s, url, maker)
+            await c.publish_hello(
+                s, url, maker, digest, spell_id="bench.paid", flat_cents=PRICE_CENTS
+            )
+            sem = asyncio.Semaphore(16)
+
+            async def cast(i: int) -> None:
+                async with (
+                    sem,
+                    s.post(
+                        f"{url}/v1/spells/bench.paid:cast",
+                        json={"input": {"name": f"b{i}"}},
+                        headers={**c.auth(casters[i % ACCOUNTS]), "Idempotency-Key": c.idem()},
+                    ) as r,
+                ):
+                    body = await r.json()
+                    if r.status != 202:
+                        raise RuntimeError(f"cast refused: {r.status} {body}")
+                    cast_ids.append(str(body["cast_id"]))
+
+            await asyncio.gather(*(cast(i) for i in range(3 * n)))
+
+        clock = SystemClock()
+        async with local_engine(env.settings()) as engine:
+            ledger = SqlLedger(engine, clock)
+            ledger.billing_enabled = True
+            audit = AuditLog(env.data_dir / "audit" / "audit.jsonl")
+            await audit.start()
+            stripe = StripeClient(API_KEY, base_url=stripe_url)
+            try:
+                for cid in cast_ids:
+                    claim = await ledger.claim(cid)
+                    assert claim is not None
+                    assert await ledger.finish(
+                        cid, claim.attempt, succeeded=True, cost_cents=PRICE_CENTS
+                    )
+                common: dict[str, Any] = {
+                    "config": BillingConfig(),
+                    "stripe": stripe,
+                    "ledger": ledger,
+                    "inbox": Inbox(ledger, clock),
+                    "audit": audit,
+                    "counters": RevenueCounter(revenue=lambda _n: None, refund=lambda: None),
+                    "kick_outbox": lambda: None,
+                }
+                now_svc = BillingService(store=BillingStore(ledger, clock), **common)
+                old_svc = LegacyBillingService(store=LegacyBillingStore(ledger, clock), **common)
+                customer = await now_svc.store.customer(accounts[0])
+                assert customer is not None
+
+                async def stripe_only(i: int) -> None:
+                    await stripe.charge_off_session(
+                        amount=PRICE_CENTS,
+                        currency="usd",
+                        customer=str(customer.stripe_customer_id),
+                        payment_method=str(customer.payment_method_id),
+                        idempotency_key=f"bench:cpu:{time.time_ns()}:{i}",
+                        description="bench baseline",
+                        metadata={},
+                    )
+
+                def job(svc: BillingService, ids: list[str]) -> Callable[[int], Awaitable[None]]:
+                    async def run(i: int) -> None:
+                        msg = SimpleNamespace(payload={"cast_id": ids[i]}, subject="billing.charge")
+                        await svc.on_charge_job(msg)  # type: ignore[arg-type]
+
+                    return run
+
+                async def measure(fn: Callable[[int], Awaitable[None]]) -> tuple[float, float]:
+                    cpu0 = time.process_time()
+                    wall = await drain(n, concurrency, fn)
+                    return (time.process_time() - cpu0) * 1000 / n, wall
+
+                await drain(min(n, 20), concurrency, stripe_only)  # warm the connection pool
+                stripe_cpu, _ = await measure(stripe_only)
+                old_cpu, old_wall = await measure(job(old_svc, cast_ids[:n]))
+                new_cpu, new_wall = await measure(job(now_svc, cast_ids[n : 2 * n]))
+                old_cpu2, _ = await measure(job(old_svc, cast_ids[2 * n :]))
+                charges = await now_svc.store.charges()
+
+                # the payment gate every paid cast passes on the request path: the account's
+                # billing row, read through the ORM (before) or the bare driver (now)
+                async def gate_orm(i: int) -> None:
+                    await now_svc.store.customer(accounts[i % ACCOUNTS])
+
+                async def gate_fast(i: int) -> None:
+                    await now_svc.check_can_pay(accounts[i % ACCOUNTS])
+
+                gate_orm_cpu, _ = await measure(gate_orm)
+                gate_fast_cpu, _ = await measure(gate_fast)
+            finally:
+                await stripe.aclose()
+                await audit.close()
+                await ledger.aclose()
+    ok = len([ch for ch in charges if ch.status == "succeeded"]) == 3 * n
+    return {
+        "backend": backend,
+        "n": n,
+        "concurrency": concurrency,
+        "cpu_ms_per_settle_orm": round(c.median([old_cpu, old_cpu2]), 2),
+        "cpu_ms_per_settle_orm_runs": [round(old_cpu, 2), round(old_cpu2, 2)],
+        "cpu_ms_per_settle_fastsql": round(new_cpu, 2),
+        "cpu_ms_per_stripe_call_alone": round(stripe_cpu, 2),
+        "cpu_ms_per_payment_gate_orm": round(gate_orm_cpu, 3),
+        "cpu_ms_per_payment_gate_fastsql": round(gate_fast_cpu, 3),
+        "settled_per_s_orm": round(n / old_wall, 1),
+        "settled_per_s_fastsql": round(n / new_wall, 1),
+        "all_charged": ok,
+        "loadavg_start": load_start,
+        "loadavg_end": round(os.getloadavg()[0], 2),
+    }
+
+
 # ---------------------------------------------------------------------------- 2. latency
 
 
@@ -365,7 +612,47 @@ def machine() -> dict[str, Any]:
     }
 
 
+async def cpu_main(args: argparse.Namespace) -> int:
+    n = 100 if args.quick else args.n
+    backends = args.backends.split(",")
+    if "postgresql" in backends and await c.pg_available():
+        backends = [b for b in backends if b != "postgresql"]
+    info = machine()
+    results = []
+    async with fake_stripe() as (stripe_url, _proc):
+        for run in range(args.runs):
+            for backend in backends:
+                res = await cpu_phase(backend, n, args.concurrency, stripe_url)
+                res["run"] = run
+                results.append(res)
+                print(
+                    f"# run {run} {backend:<10} CPU ms per settled cast: ORM "
+                    f"{res['cpu_ms_per_settle_orm']:.2f} {res['cpu_ms_per_settle_orm_runs']}, "
+                    f"bare driver {res['cpu_ms_per_settle_fastsql']:.2f}, Stripe call alone "
+                    f"{res['cpu_ms_per_stripe_call_alone']:.2f}; settled/s ORM "
+                    f"{res['settled_per_s_orm']} vs {res['settled_per_s_fastsql']}; payment gate "
+                    f"ORM {res['cpu_ms_per_payment_gate_orm']} vs "
+                    f"{res['cpu_ms_per_payment_gate_fastsql']} ms; "
+                    f"correct={res['all_charged']} load {res['loadavg_start']}->"
+                    f"{res['loadavg_end']}",
+                    file=sys.stderr,
+                )
+    out = c.write_json(
+        "billing_settle_cpu",
+        {
+            "benchmark": "billing_settle --cpu",
+            "command": " ".join([".venv/bin/python", "bench/billing_settle.py", *sys.argv[1:]]),
+            "machine": info,
+            "results": results,
+        },
+    )
+    print(f"wrote {out.relative_to(c.ROOT)}")
+    return 0 if all(r["all_charged"] for r in results) else 1
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.cpu:
+        return await cpu_main(args)
     n = 100 if args.quick else args.n
     duration = 5.0 if args.quick else args.duration
     warmup = 1.0 if args.quick else 2.0
@@ -548,4 +835,9 @@ if __name__ == "__main__":
     p.add_argument("--rate", type=float, default=10.0, help="casts per second (latency)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per latency window")
     p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="only CPU per settled cast: ORM settlement (before) vs bare-driver (now)",
+    )
     sys.exit(asyncio.run(main(p.parse_args())))

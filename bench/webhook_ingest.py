@@ -14,6 +14,11 @@ Servers, one at a time (order rotated each repetition), all on 127.0.0.1:
                 (verify HMAC, store the raw delivery + its outbox row in one transaction, 202),
                 with the in-process worker off, so the handlers that would call GitHub stay out
                 of the numbers. SQLite and PostgreSQL (a throw-away database, dropped after).
+  ours-front    the same app with the dedicated webhook ingest front (app/web/ingest.py,
+                SPELL_WEBHOOK_PORT): llhttp (httptools) on asyncio.Protocol, the same HMAC
+                check, deliveries stored in batches (one transaction of two multi-row INSERTs
+                per batch, each answered 202 only after its batch committed). The load goes to
+                the front's port; the API's /healthz on its own port is only the start probe.
   probot        `probot run ./index.js` (bench/probot_app, probot pinned in package.json):
                 @octokit/webhooks signature verification + parsing `/cast` lines, no GitHub
                 call; NODE_ENV=production, LOG_LEVEL=warn (no log line per request; ours writes
@@ -56,7 +61,7 @@ Usage:
   python bench/webhook_ingest.py                  # 3 repetitions, SQLite and PostgreSQL
   python bench/webhook_ingest.py --quick          # 1 repetition, 5 s phases, SQLite only
   options: --reps N --duration S --rates 200,100 --backends sqlite,postgresql
-           --servers ours-ingest,probot,probot-info,ref-aiohttp,ref-sqlite3
+           --servers ours-ingest,ours-front,probot,probot-info,ref-aiohttp,ref-sqlite3
            --worker-rate 0 (skip) --no-breakdown
 Results: bench/results/webhook_ingest.json (every run, medians, ratios ours/Probot, targets).
 Needs: wrk (apt-get install wrk); node/npm (bench/probot_app is installed with `npm ci` when
@@ -412,7 +417,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerSpec:
-    name: str  # ours-ingest | ours-serve | probot | probot-info | ref-aiohttp | ref-sqlite3
+    name: str  # ours-ingest | ours-front | ours-serve | probot | probot-info | ref-aiohttp | …
     backend: str  # sqlite | postgresql | node | none
     kind: str  # ours | probot | ref (a reference floor, not the product)
 
@@ -430,6 +435,8 @@ class Server:
     database_url: str | None = None
     pg_dbname: str | None = None
     port: int = field(default_factory=free_port)
+    #: ours-front: the API's own port (health probe); the load goes to ``port`` (the front)
+    api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -439,6 +446,12 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def probe_url(self) -> str:
+        if self.spec.name == "ours-front":
+            return f"http://{HOST}:{self.api_port}"
+        return self.url
 
     @property
     def data_dir(self) -> Path:
@@ -496,6 +509,19 @@ class Server:
             argv = [sys.executable, str(Path(__file__).resolve()), "--serve-ref", mode, *hp]
         elif self.spec.name == "ours-serve":
             argv = [str(SPELL_BIN), "serve", *hp]
+        elif self.spec.name == "ours-front":
+            # `spell serve`'s app with the webhook ingest front on `port`, the API on api_port
+            argv = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--serve-ingest",
+                "--host",
+                HOST,
+                "--port",
+                str(self.api_port),
+                "--front-port",
+                str(self.port),
+            ]
         else:
             argv = [sys.executable, str(Path(__file__).resolve()), "--serve-ingest", *hp]
         return argv, env, ROOT
@@ -522,7 +548,7 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.spec.label} exited: {self.log_tail()}")
                 with contextlib.suppress(aiohttp.ClientError, OSError):
-                    async with s.get(self.url + probe) as r:
+                    async with s.get(self.probe_url + probe) as r:
                         if r.status == 200:
                             return
                 if time.monotonic() > deadline:
@@ -924,6 +950,19 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
     res["log_problems"] = problems[:10]
     res["n_log_problems"] = len(problems)
     res["exit_code"] = await srv.stop()
+    m = re.search(
+        r"webhook front stopped: accepted=(\d+) duplicates=(\d+) rejected=(\d+) batches=(\d+)",
+        srv.log_tail(20000),
+    )
+    if m:  # ours-front: how many deliveries shared a storage transaction, on average
+        acc, dup, rej, batches = (int(x) for x in m.groups())
+        res["front_stats"] = {
+            "accepted": acc,
+            "duplicates": dup,
+            "rejected": rej,
+            "batches": batches,
+            "mean_batch_size": round((acc + dup) / batches, 2) if batches else None,
+        }
     if srv.spec.kind == "ours":
         st = await count_stored(srv)
         res["stored"] = st
@@ -1164,6 +1203,91 @@ def targets(summary: dict[str, Any], ratio: dict[str, Any], label: str, rate: fl
 
 
 # ---------------------------------------------------------------------------- breakdown
+
+
+async def front_breakdown(body: bytes, secret: str, n: int = 2000) -> dict[str, Any]:
+    """Where the ingest front's CPU goes, per delivery, in-process (process CPU time, all
+    threads; no sockets, so the kernel's TCP work is not in these numbers):
+
+    * http: llhttp parsing + the front's callbacks + HMAC + headers + the answer, for the same
+      signed 14 KiB request as wrk sends, with storage replaced by a no-op;
+    * verify_signature alone (the HMAC over 14 KiB and the header check);
+    * storage: ``Inbox.accept_many`` (the front's batch program on the ledger's SQLite writer
+      thread) at batch sizes 1, 8 and 32 — the rows and outbox rows the front writes."""
+    import secrets as _secrets
+
+    from app.github.webhooks import verify_signature
+    from app.services.ports import SystemClock
+    from app.store.db import make_engine, upgrade
+    from app.store.inbox import Inbox
+    from app.store.ledger import SqlLedger
+    from app.web.ingest import FrontLimits, IngestFront, _Conn
+
+    cpu = time.process_time
+    out: dict[str, Any] = {"n": n}
+    sig = github_signature(body, secret)
+
+    class NoStore:
+        async def accept_many(self, _source: str, items: list[tuple[str, str, bytes]]) -> set[str]:
+            return {d for d, _e, _b in items}
+
+    class Sink(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            pass
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    front = IngestFront(inbox=NoStore(), secrets=[secret], limits=FrontLimits())  # type: ignore[arg-type]
+    conn = _Conn(front)
+    conn.connection_made(Sink())
+
+    def req(did: str) -> bytes:
+        return (
+            f"POST {OUR_PATH} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"X-GitHub-Event: issue_comment\r\nX-GitHub-Delivery: {did}\r\n"
+            f"X-Hub-Signature-256: {sig}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    reqs = [req(f"fb-{i}-{_secrets.token_hex(4)}") for i in range(n)]
+    c0 = cpu()
+    for i in range(0, n, 32):
+        for r in reqs[i : i + 32]:
+            conn.data_received(r)
+        await asyncio.sleep(0)  # the batch
+        await asyncio.sleep(0)
+    out["front_http_hmac_answer_no_storage_ms"] = round((cpu() - c0) / n * 1000, 4)
+    c0 = cpu()
+    for _ in range(n):
+        verify_signature(body, signature=sig, secret=[secret])
+    out["verify_signature_14kb_ms"] = round((cpu() - c0) / n * 1000, 4)
+
+    tmp = Path(tempfile.mkdtemp(prefix="spell-bench-front-"))
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp / 'f.db'}")
+    try:
+        await upgrade(engine)
+        clock = SystemClock()
+        ledger = SqlLedger(engine, clock, idempotency_ttl=86400)
+        inbox = Inbox(ledger, clock)
+        await ledger.fast.warm()
+        for batch in (1, 8, 32):
+            items = [
+                (f"st-{batch}-{i}-{_secrets.token_hex(4)}", "issue_comment", body)
+                for i in range(n + 64)
+            ]
+            await inbox.accept_many("github", items[:64])  # warm-up
+            c0 = cpu()
+            for i in range(64, n + 64, batch):
+                await inbox.accept_many("github", items[i : i + batch])
+            out[f"store_sqlite_batch_{batch}_ms"] = round((cpu() - c0) / n * 1000, 4)
+        await ledger.aclose()
+    finally:
+        await engine.dispose()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 async def cost_breakdown(body: bytes, secret: str, key_pem: str, n: int = 600) -> dict[str, Any]:
@@ -1447,6 +1571,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print("cost breakdown (in-process) ...", file=sys.stderr, flush=True)
             extra["cost_breakdown"] = await cost_breakdown(body, secret, key_pem)
             print("   ", extra["cost_breakdown"], file=sys.stderr, flush=True)
+        if args.front_breakdown:
+            print("ingest front breakdown (in-process) ...", file=sys.stderr, flush=True)
+            extra["front_breakdown"] = await front_breakdown(body, secret)
+            print("   ", extra["front_breakdown"], file=sys.stderr, flush=True)
         if args.worker_rate > 0:
             print("worker-on experiment (spell serve) ...", file=sys.stderr, flush=True)
             try:
@@ -1597,8 +1725,9 @@ def _fmt(c: Any) -> str:
 # ---------------------------------------------------------------------------- entry points
 
 
-def serve_ingest(host: str, port: int) -> None:
-    """`spell serve`'s app with the in-process worker off (pure ingest: verify+store+outbox)."""
+def serve_ingest(host: str, port: int, front_port: int | None = None) -> None:
+    """`spell serve`'s app with the in-process worker off (pure ingest: verify+store+outbox);
+    with ``front_port``, also the webhook ingest front (app/web/ingest.py) on that port."""
     from aiohttp import web
 
     from app.config import Settings
@@ -1606,6 +1735,8 @@ def serve_ingest(host: str, port: int) -> None:
     from app.web.app import Overrides, create_app
 
     settings = Settings()
+    if front_port is not None:
+        settings = settings.model_copy(update={"webhook_port": front_port, "webhook_host": host})
     configure_logging(settings.log_level)
     app = create_app(settings, overrides=Overrides(run_worker=False))
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10)
@@ -1691,8 +1822,16 @@ def main() -> None:
     p.add_argument("--conns", type=int, default=32, help="wrk connections")
     p.add_argument("--ol-conns", type=int, default=64, help="open-loop connection pool")
     p.add_argument("--backends", default="sqlite,postgresql")
-    p.add_argument("--servers", default="ours-ingest,probot,probot-info,ref-aiohttp,ref-sqlite3")
+    p.add_argument(
+        "--servers", default="ours-ingest,ours-front,probot,probot-info,ref-aiohttp,ref-sqlite3"
+    )
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    p.add_argument(
+        "--no-front-breakdown",
+        dest="front_breakdown",
+        action="store_false",
+        help="skip the in-process cost breakdown of the webhook ingest front",
+    )
     p.add_argument("--worker-rate", type=float, default=10.0, help="0: skip the worker-on run")
     p.add_argument("--worker-seconds", type=float, default=10.0)
     p.add_argument("--worker-drain", type=float, default=150.0)
@@ -1702,6 +1841,7 @@ def main() -> None:
     p.add_argument("--serve-ref", choices=["aiohttp", "sqlite3"], help=argparse.SUPPRESS)
     p.add_argument("--host", default=HOST, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--front-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--open-loop", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--body-file", help=argparse.SUPPRESS)
     p.add_argument("--sig", help=argparse.SUPPRESS)
@@ -1710,7 +1850,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.serve_ingest:
-        serve_ingest(args.host, args.port)
+        serve_ingest(args.host, args.port, args.front_port)
         return
     if args.serve_ref:
         serve_ref(args.serve_ref, args.host, args.port)

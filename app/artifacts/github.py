@@ -33,6 +33,9 @@ class GitHubArtifactStore:
     async def put(self, artifact_id: str, src: Path, *, digest: str) -> str:
         raise NotImplementedError("GitHub artifacts are uploaded by the workflow run itself")
 
+    async def put_object(self, key: str, src: Path, *, content_type: str) -> str:
+        raise NotImplementedError("GitHub keeps only the artifacts its workflow runs upload")
+
     async def open_path(self, location: str) -> Path:
         raise FileNotFoundError(location)
 

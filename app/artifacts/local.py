@@ -1,10 +1,17 @@
-"""Artifacts in a local folder (the embedded default). Locations look like ``local:<name>``."""
+"""Artifacts in a local folder (the embedded default). Locations look like ``local:<name>``.
+
+Artifacts are ``<root>/<artifact id>.zip``; objects stored with :meth:`put_object` (audit
+segments exported by the retention sweeper) are ``<root>/<key>`` with a relative ``key`` such as
+``audit/2026-11-26.jsonl`` (location ``local:audit/2026-11-26.jsonl``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 PREFIX = "local:"
@@ -18,9 +25,10 @@ class LocalArtifactStore:
         if not location.startswith(PREFIX):
             raise ValueError(f"not a local artifact location: {location!r}")
         name = location[len(PREFIX) :]
-        if "/" in name or name.startswith("."):
+        parts = name.split("/")
+        if not name or "\\" in name or any(not p or p.startswith(".") for p in parts):
             raise ValueError(f"bad artifact location: {location!r}")
-        return self.root / name
+        return self.root.joinpath(*parts)
 
     async def put(self, artifact_id: str, src: Path, *, digest: str) -> str:
         location = f"{PREFIX}{artifact_id}.zip"
@@ -31,6 +39,28 @@ class LocalArtifactStore:
             tmp = dest.with_suffix(".tmp")
             shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
+
+        await asyncio.to_thread(_copy)
+        return location
+
+    async def put_object(self, key: str, src: Path, *, content_type: str) -> str:
+        """Copy ``src`` to ``<root>/<key>`` (replacing it atomically); returns ``local:<key>``.
+
+        ``key`` is relative (``audit/2026-11-26.jsonl``): no ``..``, no leading ``/`` or ``.``.
+        ``content_type`` is not kept by a folder; it is part of the port for object stores."""
+        location = f"{PREFIX}{key}"
+        dest = self._path(location)
+
+        def _copy() -> None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp_name)
+                os.replace(tmp_name, dest)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
 
         await asyncio.to_thread(_copy)
         return location

@@ -21,6 +21,9 @@ class RoutingArtifactStore:
     async def put(self, artifact_id: str, src: Path, *, digest: str) -> str:
         return await self.default.put(artifact_id, src, digest=digest)
 
+    async def put_object(self, key: str, src: Path, *, content_type: str) -> str:
+        return await self.default.put_object(key, src, content_type=content_type)
+
     async def open_path(self, location: str) -> Path:
         return await self._store(location).open_path(location)
 

@@ -32,7 +32,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,6 +59,9 @@ from app.store.ledger import SqlLedger
 from app.store.models import BillingCharge, BillingUsage, Cast
 
 log = logging.getLogger("spell.billing")
+
+#: the error code of a queued cast cancelled because its account's payment failed (§23.2)
+PAYMENT_FAILED = "PAYMENT_FAILED"
 
 #: the webhook events handled; anything else is acknowledged and ignored
 HANDLED_EVENTS = frozenset(
@@ -105,6 +108,7 @@ class BillingService:
         audit: AuditSink,
         counters: RevenueCounter,
         kick_outbox: Callable[[], None],
+        on_cast_ended: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.stripe = stripe
@@ -114,6 +118,9 @@ class BillingService:
         self.audit = audit
         self.counters = counters
         self.kick_outbox = kick_outbox
+        #: told the id of every cast billing ends (cancelled after a failed payment), so the
+        #: process's waiters (SSE, ``wait``) wake up
+        self.on_cast_ended = on_cast_ended
         self._meters: dict[str, tuple[str, str]] = {}  # name → (event_name, Stripe meter id)
         self._meters_lock = asyncio.Lock()
         self._terms_cache: dict[tuple[str, str], tuple[str | None, int | None]] = {}
@@ -125,18 +132,18 @@ class BillingService:
     async def check_can_pay(self, account_id: str) -> None:
         """Refuse a paid cast (402 ``PAYMENT_REQUIRED``) for an account that is past due or has
         no payment method: nothing runs unpaid. Free casts are never refused here."""
-        row = await self.store.customer(account_id)
+        row = await self.store.gate_row(account_id)  # bare driver: runs before every paid cast
         fix = "save a payment method with `spell billing setup` (or POST /v1/billing/setup)"
-        if row is not None and row.past_due:
+        if row is not None and row["past_due"]:
             raise AppError(
                 "PAYMENT_REQUIRED",
-                f"the account is past due ({row.past_due_reason}): a payment was refused; "
+                f"the account is past due ({row['past_due_reason']}): a payment was refused; "
                 f"{fix}, then cast again",
-                detail={"account": account_id, "reason": row.past_due_reason},
+                detail={"account": account_id, "reason": row["past_due_reason"]},
             )
-        if row is not None and row.subscription_status in ("active", "trialing"):
+        if row is not None and row["subscription_status"] in ("active", "trialing"):
             return  # the subscription collects (its invoices); usage goes to its meters
-        if row is None or row.payment_method_id is None:
+        if row is None or row["payment_method_id"] is None:
             raise AppError(
                 "PAYMENT_REQUIRED",
                 f"paid casts need a payment method on file; {fix}",
@@ -246,11 +253,15 @@ class BillingService:
         if route == "meter":
             await self.report(await self.store.unsent_usage(cast_id=cast_id))
         elif cast.cost_cents:
-            charge = await self.store.add_pending(cast)
-            if charge is None:
+            pending = await self.store.add_pending(cast)
+            if pending.charge is None:
                 log.info("cast %s: %d cents pending (below the minimum)", cast_id, cast.cost_cents)
             else:
-                await self.collect(charge)
+                await self.collect(
+                    BillingCharge(**pending.charge),
+                    customer=pending.customer,
+                    casts=pending.casts if pending.created else None,
+                )
         took = (cast.finished_at - cast.created_at).total_seconds() if cast.finished_at else 0.0
         if (
             cast.cost_cents
@@ -409,20 +420,43 @@ class BillingService:
             await self.collect(charge)
         return len(charges)
 
-    async def collect(self, charge: BillingCharge) -> None:
+    async def collect(
+        self,
+        charge: BillingCharge,
+        *,
+        customer: Mapping[str, Any] | None = None,
+        casts: Sequence[str] | None = None,
+    ) -> None:
         """Collect a pending charge from Stripe. Safe to repeat: the same attempt always uses
-        the same idempotency key, and the state change is conditional."""
+        the same idempotency key, and the state change is conditional. ``customer`` (the
+        account's billing row, read under the lock that created the charge) and ``casts`` (the
+        lines it covers) spare the reads when the caller has them."""
         if charge.status != "pending":
             return
-        row = await self.store.customer(charge.account_id)
-        if row is None or row.stripe_customer_id is None or row.payment_method_id is None:
+        if customer is None:
+            found = await self.store.customer(charge.account_id)
+            customer = (
+                None
+                if found is None
+                else {
+                    "stripe_customer_id": found.stripe_customer_id,
+                    "payment_method_id": found.payment_method_id,
+                }
+            )
+        if (
+            customer is None
+            or customer["stripe_customer_id"] is None
+            or customer["payment_method_id"] is None
+        ):
             await self._failed(charge, "no_payment_method", None)
             return
+        stripe_customer = str(customer["stripe_customer_id"])
+        payment_method = str(customer["payment_method_id"])
         key = charge.id if charge.attempt <= 1 else f"{charge.id}:{charge.attempt}"
         meta = {"charge_id": charge.id, "account_id": charge.account_id}
         if charge.kind == "invoice_item":
             item = await self.stripe.create_invoice_item(
-                customer=row.stripe_customer_id,
+                customer=stripe_customer,
                 amount=charge.amount_cents,
                 currency=charge.currency,
                 description="Spell Platform casts below the minimum charge, carried over",
@@ -436,8 +470,8 @@ class BillingService:
             pi = await self.stripe.charge_off_session(
                 amount=charge.amount_cents,
                 currency=charge.currency,
-                customer=row.stripe_customer_id,
-                payment_method=row.payment_method_id,
+                customer=stripe_customer,
+                payment_method=payment_method,
                 idempotency_key=key,
                 description=f"Spell Platform casts ({charge.id})",
                 metadata=meta,
@@ -455,7 +489,7 @@ class BillingService:
         if status == "succeeded":
             if await self.store.set_charge_state(charge.id, "succeeded", stripe_id=str(pi["id"])):
                 self.counters.revenue(charge.amount_cents)
-                await self._audit_charge(charge, "stripe_pi", str(pi["id"]))
+                await self._audit_charge(charge, "stripe_pi", str(pi["id"]), casts)
         elif status == "processing":
             await self.store.note_stripe_id(charge.id, str(pi["id"]))  # the webhook finishes it
         else:  # requires_action etc.: off-session, nobody can act on it
@@ -469,20 +503,79 @@ class BillingService:
             failure_code=code,
         )
         newly = await self.store.mark_past_due(charge.account_id, code)
-        if changed or newly:
+        cancelled = await self.cancel_queued_casts(charge.account_id, code)
+        if changed or newly or cancelled:
             log.warning(
-                "charge %s failed (%s): account %s is past due", charge.id, code, charge.account_id
+                "charge %s failed (%s): account %s is past due, %d queued casts cancelled",
+                charge.id,
+                code,
+                charge.account_id,
+                len(cancelled),
             )
             await self.audit.append(
                 "billing.payment_failed",
                 actor="billing",
                 amount_cents=charge.amount_cents,
                 currency=charge.currency,
-                data={"charge_id": charge.id, "account": charge.account_id, "code": code},
+                data={
+                    "charge_id": charge.id,
+                    "account": charge.account_id,
+                    "code": code,
+                    "cancelled_casts": cancelled,
+                },
             )
 
-    async def _audit_charge(self, charge: BillingCharge, method: str, stripe_id: str) -> None:
-        lines = await self.store.lines_of(charge.id)
+    async def cancel_queued_casts(self, account_id: str, code: str) -> list[str]:
+        """A payment of the account failed (SPEC §23.2): its paid casts that have not started
+        are cancelled — ``failed`` with ``PAYMENT_FAILED``, their reservations released, one
+        ``cast.failed`` audit record each. A running cast finishes (and is billed like any
+        other); new paid casts get 402 ``PAYMENT_REQUIRED`` while the account is past due, so
+        call this after marking it. Idempotent: a repeat finds nothing left to cancel.
+        Returns the ids of the casts cancelled."""
+        message = (
+            f"cancelled before it started: a payment of this account failed ({code}); "
+            "nothing was charged for it. Save a payment method with `spell billing setup`, "
+            "then cast again"
+        )
+        cancelled = await self.store.cancel_queued(
+            account_id, error_code=PAYMENT_FAILED, error_message=message
+        )
+        for cast in cancelled:
+            if self.on_cast_ended is not None:
+                self.on_cast_ended(cast.id)
+            await self.audit.append(
+                "cast.failed",
+                actor="billing",
+                cast_id=cast.id,
+                input_hash=cast.input_hash,
+                amount_cents=0,
+                currency=cast.currency,
+                traceparent=cast.traceparent,
+                data={
+                    "error": {"code": PAYMENT_FAILED, "message": message},
+                    "released_cents": cast.estimate_cents,
+                    "payment_failure": code,
+                },
+            )
+        if cancelled:
+            self.kick_outbox()  # their GitHub feedback, if they came from GitHub
+            log.warning(
+                "account %s: %d queued casts cancelled (payment failed: %s)",
+                account_id,
+                len(cancelled),
+                code,
+            )
+        return [cast.id for cast in cancelled]
+
+    async def _audit_charge(
+        self,
+        charge: BillingCharge,
+        method: str,
+        stripe_id: str,
+        casts: Sequence[str] | None = None,
+    ) -> None:
+        if casts is None:
+            casts = [line.cast_id for line in await self.store.lines_of(charge.id)]
         await self.audit.append(
             "billing.charged",
             actor="billing",
@@ -493,7 +586,7 @@ class BillingService:
                 "account": charge.account_id,
                 "method": method,
                 "stripe_id": stripe_id,
-                "casts": [line.cast_id for line in lines],
+                "casts": list(casts),
             },
         )
 
@@ -706,8 +799,9 @@ class BillingService:
         lapsed = bool(sub) and await self.store.mark_subscription_past_due(str(sub))
         revoked = 0
         if invoice.get("payment_intent"):
-            revoked = await self.store.revoke_entitlements(str(invoice["payment_intent"]))
-        if newly or lapsed or revoked:
+            revoked = len(await self.store.revoke_entitlements(str(invoice["payment_intent"])))
+        cancelled = await self.cancel_queued_casts(row.account_id, "invoice_payment_failed")
+        if newly or lapsed or revoked or cancelled:
             log.warning("invoice %s failed: account %s is past due", invoice["id"], row.account_id)
             await self.audit.append(
                 "billing.payment_failed",
@@ -720,6 +814,7 @@ class BillingService:
                     "subscription": sub,
                     "code": "invoice_payment_failed",
                     "revoked_entitlements": revoked,
+                    "cancelled_casts": cancelled,
                 },
             )
         return True
@@ -731,9 +826,7 @@ class BillingService:
             charge_id = (pi.get("metadata") or {}).get("charge_id")
             charge = await self.store.charge(str(charge_id)) if charge_id else None
         if charge is None:
-            if not ok:  # a one-time purchase whose payment failed later
-                await self.store.revoke_entitlements(pi_id)
-            return None
+            return await self._on_purchase_payment(pi, created, ok=ok)
         # Only the PaymentIntent of the charge's current attempt may change it: a late event
         # about an earlier attempt (declined, then retried with a new card) is stale. A
         # success we have not recorded yet (we crashed before writing it) is taken.
@@ -761,6 +854,44 @@ class BillingService:
         if code != "authentication_required":
             code = str(err.get("decline_code") or code)
         await self._failed(charge, code, pi_id)
+        return True
+
+    async def _on_purchase_payment(
+        self, pi: dict[str, Any], created: int, *, ok: bool
+    ) -> bool | None:
+        """A PaymentIntent that is not one of our charges: a one-time purchase's (Checkout
+        ``payment`` mode). Its failure after the purchase completed (e.g. a debit that bounced)
+        revokes what it bought, and the buyer's account is past due like after a decline: its
+        queued paid casts are cancelled, new ones get 402 until it is fixed."""
+        pi_id = str(pi["id"])
+        if not await self.store.has_purchase(pi_id):
+            return None
+        if not await self._newer(pi_id, created):
+            return False  # older than what we applied (e.g. a failure before the success)
+        if ok:
+            return True  # recorded, so a stale failure delivered later is recognized
+        err = pi.get("last_payment_error") or {}
+        code = str(err.get("decline_code") or err.get("code") or "payment_failed")
+        accounts = await self.store.revoke_entitlements(pi_id)
+        for account in sorted(set(accounts)):
+            await self.store.mark_past_due(account, code)
+            cancelled = await self.cancel_queued_casts(account, code)
+            log.warning(
+                "purchase payment %s failed (%s): account %s is past due", pi_id, code, account
+            )
+            await self.audit.append(
+                "billing.payment_failed",
+                actor="stripe",
+                amount_cents=int(pi.get("amount") or 0),
+                currency=str(pi.get("currency") or "usd").upper(),
+                data={
+                    "account": account,
+                    "payment_intent": pi_id,
+                    "code": code,
+                    "revoked_entitlements": accounts.count(account),
+                    "cancelled_casts": cancelled,
+                },
+            )
         return True
 
     async def on_charge_refunded(self, ch: dict[str, Any], created: int) -> bool | None:

@@ -20,6 +20,12 @@ message, with ``dead = True`` and the original subject, payload and headers, so 
 owns the subject can end what the message was for (a cast fails, a job is recorded dead); its
 ``ack`` deletes the original message and acks the advisory.
 
+Cast event notifications: a process that writes a cast's events (a worker claiming, streaming
+progress, finishing) publishes ``events.<cast id>`` on core NATS (not stored, no ack: a hint,
+the database stays the truth), and every process subscribed wakes the SSE streams it serves for
+that cast (:class:`SharedEventHub`). Without it a ``spell serve`` learns of a worker's progress
+only from its once-a-second poll of the ledger.
+
 With a namespace ``ns`` (``SPELL_NATS_NAMESPACE``) names become ``SPELL_NS_RUNS`` … and subjects
 ``ns.run.>`` …, so several platforms — or tests — can share one server without colliding.
 
@@ -54,6 +60,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from app.services.events import EventHub
 from app.services.ports import Message
 
 log = logging.getLogger("spell.bus")
@@ -92,6 +99,72 @@ class JetStreamConfig:
         return f"{self.namespace}." if self.namespace else ""
 
 
+class ConnectionWatch:
+    """Logs what happens to the NATS connection, once per outage rather than once per attempt.
+
+    nats-py reports every failed reconnect attempt (two a second while the server is down)
+    through ``error_cb``, by default as an ERROR with a traceback. An outage is not an error of
+    this process: nothing is lost (casts wait in the outbox, unacked messages come back), so it
+    is one WARNING when the connection drops, one when reconnecting keeps failing, and one INFO
+    when it is back, with the time it was away.
+    """
+
+    #: after this many seconds of failed reconnects, say so again (at most this often)
+    remind_every = 30.0
+
+    def __init__(self, servers: str) -> None:
+        self.servers = servers
+        self.down_since: float | None = None
+        self.last_report = 0.0
+        self.outages = 0
+        self.closing = False
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def on_disconnected(self) -> None:
+        if self.closing:
+            return
+        if self.down_since is None:
+            self.down_since = self.last_report = self._now()
+            self.outages += 1
+            log.warning(
+                "lost the connection to NATS at %s; reconnecting (messages to publish wait in "
+                "the outbox, unacknowledged ones are delivered again)",
+                self.servers,
+            )
+
+    async def on_reconnected(self) -> None:
+        away = self._now() - self.down_since if self.down_since is not None else 0.0
+        self.down_since = None
+        log.info("reconnected to NATS at %s after %.1f s", self.servers, away)
+
+    async def on_error(self, e: Exception) -> None:
+        if self.closing:
+            return
+        reason = f"{type(e).__name__}: {e}".strip()
+        if self.down_since is None and isinstance(
+            e, nats.errors.UnexpectedEOF | nats.errors.StaleConnectionError | OSError
+        ):
+            # the connection dropping: on_disconnected follows and says so
+            log.info("NATS connection at %s dropped: %s", self.servers, reason)
+            return
+        if self.down_since is None:
+            # not during an outage: a protocol error, a permission violation, a slow consumer
+            log.warning("NATS connection error at %s: %s", self.servers, reason)
+            return
+        now = self._now()
+        if now - self.last_report >= self.remind_every:
+            self.last_report = now
+            log.warning(
+                "NATS at %s still unreachable after %.0f s: %s",
+                self.servers,
+                now - self.down_since,
+                reason,
+            )
+
+
 class JetStreamBus:
     """One NATS connection and the streams; hands out the two queues (runs, jobs)."""
 
@@ -119,6 +192,9 @@ class JetStreamBus:
             duplicate_window=max(config.duplicate_window, 120.0),
         )
         self.dead_stream = config.stream("dead")
+        self._events_sub: Any = None
+        self._announcing: set[asyncio.Task[None]] = set()
+        self.watch: ConnectionWatch | None = None
 
     @classmethod
     async def connect(cls, config: JetStreamConfig) -> JetStreamBus:
@@ -130,10 +206,21 @@ class JetStreamBus:
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,  # a NATS restart must not end the process's work
             "reconnect_time_wait": 0.5,
+            # No client-side buffering while reconnecting: a publish (or ack, or pull request)
+            # either reaches the server or raises at once. The outbox is the buffer: a row stays
+            # unsent until the server confirmed it, rather than sitting in this process's memory
+            # (lost if the process dies) and going out behind the relay's back on reconnect.
+            "pending_size": 0,
         }
         if config.creds is not None:
             options["user_credentials"] = str(config.creds)
         shown = ", ".join(servers)
+        watch = ConnectionWatch(shown)
+        options.update(
+            error_cb=watch.on_error,
+            disconnected_cb=watch.on_disconnected,
+            reconnected_cb=watch.on_reconnected,
+        )
         try:
             nc = await asyncio.wait_for(
                 nats.connect(**options), timeout=config.connect_timeout * 2 + 1
@@ -141,6 +228,7 @@ class JetStreamBus:
         except (TimeoutError, OSError, nats.errors.Error) as e:
             raise BusUnavailable(f"cannot reach NATS at {shown}: {type(e).__name__}: {e}") from e
         bus = cls(nc, nc.jetstream(), config)
+        bus.watch = watch
         try:
             await bus.ensure_topology()
         except Exception as e:
@@ -151,6 +239,35 @@ class JetStreamBus:
             ) from e
         log.info("connected to NATS JetStream at %s (streams %s)", shown, bus.stream_names)
         return bus
+
+    @property
+    def events_subject(self) -> str:
+        return f"{self.config.subject_prefix}events"
+
+    async def share_events(self, hub: SharedEventHub) -> None:
+        """Wake ``hub``'s local listeners on every other process's ``events.<cast id>``."""
+
+        async def on_event(msg: Msg) -> None:
+            cast_id = msg.subject.rpartition(".")[2]
+            if cast_id:
+                hub.notify_local(cast_id)
+
+        self._events_sub = await self.nc.subscribe(f"{self.events_subject}.*", cb=on_event)
+
+    def announce(self, cast_id: str) -> None:
+        """Tell the other processes that ``cast_id`` has new events (best effort, no wait)."""
+        if not self.nc.is_connected or not cast_id or "." in cast_id:
+            return  # while reconnecting the others fall back to polling the ledger
+        task = asyncio.get_running_loop().create_task(
+            self.nc.publish(f"{self.events_subject}.{cast_id}", b"")
+        )
+        self._announcing.add(task)
+        task.add_done_callback(self._announced)
+
+    def _announced(self, task: asyncio.Task[None]) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("announcing cast events failed: %s", task.exception())
 
     @property
     def stream_names(self) -> list[str]:
@@ -225,10 +342,32 @@ class JetStreamBus:
     async def close(self) -> None:
         for q in (self.runs, self.jobs):
             await q.close()
+        if self._events_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._events_sub.unsubscribe()
+            self._events_sub = None
+        if self.watch is not None:
+            self.watch.closing = True  # nats-py reports its own close as a disconnection
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)  # acks and publishes still buffered go out
             await self.nc.close()
+
+
+class SharedEventHub(EventHub):
+    """The process's EventHub whose notifications also reach the other processes on the bus
+    (``spell worker`` → the ``spell serve`` holding the caller's SSE stream)."""
+
+    def __init__(self, bus: JetStreamBus) -> None:
+        super().__init__()
+        self.bus = bus
+
+    def notify(self, cast_id: str) -> None:
+        super().notify(cast_id)
+        self.bus.announce(cast_id)
+
+    def notify_local(self, cast_id: str) -> None:
+        super().notify(cast_id)
 
 
 class JetStreamMessage:
@@ -348,12 +487,22 @@ class JetStreamQueue:
     ) -> None:
         hdrs = dict(headers or {})
         hdrs["Nats-Msg-Id"] = msg_id
-        ack = await self.bus.js.publish(
-            self.bus.config.subject_prefix + subject,
-            json.dumps(payload, separators=(",", ":")).encode(),
-            headers=hdrs,
-            stream=self.stream,
-        )
+        try:
+            ack = await self.bus.js.publish(
+                self.bus.config.subject_prefix + subject,
+                json.dumps(payload, separators=(",", ":")).encode(),
+                headers=hdrs,
+                stream=self.stream,
+            )
+        except (nats.errors.Error, TimeoutError, OSError) as e:
+            # Not stored, or stored and its ack lost (the server went away in between): the
+            # caller keeps the message and publishes it again; the same msg id makes a copy
+            # that did get stored a duplicate inside the window, and the database's claim
+            # step makes a later one harmless.
+            state = "connected" if self.bus.connected else "disconnected"
+            raise BusUnavailable(
+                f"publishing {msg_id} to NATS failed ({state}): {type(e).__name__}: {e}"
+            ) from e
         if ack.duplicate:
             self.duplicates += 1
         else:
@@ -375,12 +524,20 @@ class JetStreamQueue:
             out.append(self._dead.get_nowait())
         if out:
             return out
+        if not self.bus.connected:
+            # reconnecting (ConnectionWatch logged the outage once): nothing can come now
+            await asyncio.sleep(timeout)
+            return []
         sub = await self._subscription()
         async with self._fetch_lock:
             try:
                 msgs = await sub.fetch(batch, timeout=timeout)
             except nats.errors.TimeoutError:
                 return []
+            except (nats.errors.Error, OSError) as e:
+                raise BusUnavailable(
+                    f"fetching from {self.stream} failed: {type(e).__name__}: {e}"
+                ) from e
         return [JetStreamMessage(self, m) for m in msgs]
 
     async def _pump_dead(self) -> None:
@@ -388,6 +545,9 @@ class JetStreamQueue:
         sub: JetStreamContext.PullSubscription | None = None
         while True:
             try:
+                if not self.bus.connected:  # reconnecting: the outage is logged once elsewhere
+                    await asyncio.sleep(1.0)
+                    continue
                 if sub is None:
                     sub = await self.bus.js.pull_subscribe_bind(
                         durable=self.dead_durable, stream=self.bus.dead_stream

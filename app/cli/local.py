@@ -23,9 +23,10 @@ from app.observability.metrics import Metrics
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import SystemClock
-from app.store.auditlog import AuditLog, verify_file
+from app.store.auditlog import AuditLog, anchor_path, list_segments, verify_file, verify_log
 from app.store.db import make_engine, upgrade
 from app.store.ledger import SqlLedger
+from app.worker.retention import SweepReport
 
 AUDIT_LOG = "main"  # the ledger's pointer name for the audit log (as in app/web/app.py)
 
@@ -107,13 +108,69 @@ async def read_audit_head(settings: Settings) -> tuple[int, str] | None:
         return await SqlLedger(engine, SystemClock()).audit_head(AUDIT_LOG)
 
 
-def verify_snapshot(path: Path, *, expected_head: tuple[int, str] | None) -> VerifyResult:
+async def read_audit_anchor(settings: Settings) -> tuple[int, str] | None:
+    """The ledger's copy of the audit retention anchor (``None``: nothing removed yet)."""
+    db_file = sqlite_file(settings)
+    if db_file is not None and not db_file.exists():
+        return None
+    async with local_engine(settings, migrate=False) as engine:
+        return await SqlLedger(engine, SystemClock()).audit_head(AUDIT_LOG + ":anchor")
+
+
+async def retention_sweep(settings: Settings, *, dry_run: bool) -> SweepReport:
+    """One retention sweep on the local ledger, data dir and object store (``spell retention
+    sweep``); a dry run changes nothing."""
+    from app.artifacts import open_object_store, route_artifacts
+    from app.worker.retention import build_sweeper
+
+    clock = SystemClock()
+    async with local_engine(settings) as engine:
+        ledger = SqlLedger(engine, clock, idempotency_ttl=settings.idempotency_ttl)
+        object_store = await open_object_store(settings, clock)
+        local = LocalArtifactStore(settings.data_dir / "artifacts")
+        audit = AuditLog(
+            audit_path(settings),
+            on_head=lambda seq, h: ledger.set_audit_head(AUDIT_LOG, seq, h),
+        )
+        await audit.start()
+        try:
+            sweeper = build_sweeper(
+                settings,
+                ledger=ledger,
+                clock=clock,
+                artifacts=route_artifacts(object_store or local, local=local, s3=object_store),
+                export_to=object_store or local,
+                audit=audit,
+            )
+            return await sweeper.sweep(dry_run=dry_run)
+        finally:
+            await audit.close()
+            if object_store is not None:
+                await object_store.aclose()
+            await ledger.aclose()
+
+
+def verify_snapshot(
+    path: Path,
+    *,
+    expected_head: tuple[int, str] | None,
+    ledger_anchor: tuple[int, str] | None = None,
+    ledger_checked: bool = False,
+) -> VerifyResult:
     """:func:`~app.store.auditlog.verify_file` on the log as it was at one instant.
 
     A server may be appending while we read: its writes happen under an exclusive ``flock``, so
     the size read under a shared lock ends on a whole record. Only those bytes are checked, and
-    writers are held up for no longer than one ``fstat``.
+    writers are held up for no longer than one ``fstat``. A log with closed segments or a
+    retention anchor is checked as one chain from the anchor (:func:`verify_log`).
     """
+    if ledger_anchor is not None or list_segments(path) or anchor_path(path).exists():
+        return verify_log(
+            path,
+            expected_head=expected_head,
+            ledger_anchor=ledger_anchor,
+            ledger_checked=ledger_checked,
+        )
     try:
         fh = path.open("rb")
     except FileNotFoundError:

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from app.cli.billing import COMMANDS as BILLING_COMMANDS
 from app.cli.github import COMMANDS as GITHUB_COMMANDS
+from app.cli.oidc import COMMANDS as OIDC_COMMANDS
 from app.config import ClientSettings, Settings
 from app.errors import AppError
 from app.sdk.client import (
@@ -333,7 +334,19 @@ def cli(ctx: click.Context, api_url: str | None) -> None:
     type=click.IntRange(0, 65535),
     help="TCP port to listen on.",
 )
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--webhook-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve POST /webhooks/github on this port through the dedicated ingest front "
+    "(default: SPELL_WEBHOOK_PORT; unset: off).",
+)
+@click.option(
+    "--webhook-host",
+    default=None,
+    help="Address of the webhook ingest front (default: SPELL_WEBHOOK_HOST, else --host).",
+)
+def serve(host: str, port: int, webhook_port: int | None, webhook_host: str | None) -> None:
     """Run the platform server (the /v1 API, SSE progress and the worker).
 
     With NATS_URL set the server runs no casts itself (`spell worker` processes do; see
@@ -345,8 +358,13 @@ def serve(host: str, port: int) -> None:
 
     from app.observability.logging import configure_logging
     from app.web.app import create_app
+    from app.web.ingest import FRONT
 
     settings = Settings()
+    if webhook_port is not None:
+        settings = settings.model_copy(update={"webhook_port": webhook_port})
+    if webhook_host is not None or settings.webhook_host is None:
+        settings = settings.model_copy(update={"webhook_host": webhook_host or host})
     configure_logging(settings.log_level)
     app = create_app(settings)
     shown = f"[{host}]" if ":" in host else host
@@ -354,6 +372,12 @@ def serve(host: str, port: int) -> None:
 
     def announce(_: str) -> None:
         click.echo(f"spell serve: listening on {url} (data dir {settings.data_dir.resolve()})")
+        front = app.get(FRONT)
+        if front is not None:
+            click.echo(
+                f"spell serve: webhook ingest front on {settings.webhook_host}:{front.port}"
+                "/webhooks/github"
+            )
         sys.stdout.flush()
 
     try:
@@ -508,25 +532,38 @@ def audit() -> None:
 @click.pass_context
 def audit_verify(ctx: click.Context, file_: Path | None, use_ledger: bool) -> None:
     """Check the audit log's hash chain; exit 1 and name the first bad line if it was altered."""
-    from app.cli.local import audit_path, read_audit_head, verify_snapshot
+    from app.cli.local import audit_path, read_audit_anchor, read_audit_head, verify_snapshot
+    from app.domain.audit import VerifyResult
 
     settings = Settings()
     default = audit_path(settings)
     path = file_ or default
     head: tuple[int, str] | None = None
-    if use_ledger and path.resolve() == default.resolve():
-        try:
-            head = run_async(asyncio.wait_for(read_audit_head(settings), 15))
-        except Exception as e:
-            click.echo(
-                f"note: cannot read the ledger's audit head ({type(e).__name__}); "
-                "checking the chain only",
-                err=True,
-            )
-    result = verify_snapshot(path, expected_head=head)
+    anchor: tuple[int, str] | None = None  # the ledger's copy of the retention anchor
+
+    def check() -> VerifyResult:
+        nonlocal head, anchor
+        if use_ledger and path.resolve() == default.resolve():
+            try:
+                head = run_async(asyncio.wait_for(read_audit_head(settings), 15))
+                anchor = run_async(asyncio.wait_for(read_audit_anchor(settings), 15))
+            except Exception as e:
+                click.echo(
+                    f"note: cannot read the ledger's audit head ({type(e).__name__}); "
+                    "checking the chain only",
+                    err=True,
+                )
+        return verify_snapshot(
+            path, expected_head=head, ledger_anchor=anchor, ledger_checked=head is not None
+        )
+
+    result = check()
+    if not result.ok and head is not None:
+        result = check()  # a retention sweep may have moved the anchor meanwhile: look again
     if result.ok:
         against = f", matches the ledger head (seq {head[0]})" if head else ""
-        click.echo(f"ok: {result.lines} records, head seq {result.head_seq or 0}{against}")
+        kept = f", retained from seq {anchor[0] + 1}" if anchor else ""
+        click.echo(f"ok: {result.lines} records, head seq {result.head_seq or 0}{against}{kept}")
         return
     reason = result.reason or "invalid"
     if not reason.startswith("line "):
@@ -534,6 +571,38 @@ def audit_verify(ctx: click.Context, file_: Path | None, use_ledger: bool) -> No
     click.echo(f"TAMPERED: {reason}")
     click.echo(f"error: the audit log {path} failed verification", err=True)
     ctx.exit(1)
+
+
+@cli.group()
+def retention() -> None:
+    """Retention of inputs, artifacts and audit records (SPEC §8)."""
+
+
+@retention.command("sweep")
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed; change nothing.")
+@click.pass_context
+def retention_sweep(ctx: click.Context, dry_run: bool) -> None:
+    """Run one retention sweep now (as `spell serve` / `spell worker` do on a schedule).
+
+    Prints what was removed (or, with --dry-run, what would be): finished casts' inputs,
+    webhook bodies, staged input files, artifacts, expired idempotency keys, and audit segments
+    past SPELL_RETENTION_AUDIT (exported to the object store first). Exits 1 if any item failed.
+    """
+    from app.cli.local import retention_sweep as sweep
+
+    settings = Settings()
+    report = run_async(sweep(settings, dry_run=dry_run))
+    if not report.ran:
+        click.echo(f"skipped: {report.skipped}")
+        return
+    label = "would remove" if dry_run else "removed"
+    for name, value in report.counts.as_dict().items():
+        if value is not None:
+            click.echo(f"{name}: {value}")
+    click.echo(f"{label} {report.counts.removed} items" + (" (dry run)" if dry_run else ""))
+    if report.counts.errors:
+        click.echo(f"error: {report.counts.errors} items could not be removed", err=True)
+        ctx.exit(1)
 
 
 # ---------------------------------------------------------------------- client config
@@ -1010,6 +1079,8 @@ for _command in GITHUB_COMMANDS:  # spell app / webhooks / github (app/cli/githu
     cli.add_command(_command)
 for _billing_command in BILLING_COMMANDS:  # spell billing / refund (app/cli/billing.py)
     cli.add_command(_billing_command)
+for _oidc_command in OIDC_COMMANDS:  # spell oidc allow / revoke / list (app/cli/oidc.py)
+    cli.add_command(_oidc_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -353,16 +353,32 @@ def _peek_seq(line: str | None) -> int | None:
 
 
 def verify_lines(
-    lines: Iterable[str], *, expected_head: tuple[int, str] | None = None
+    lines: Iterable[str],
+    *,
+    expected_head: tuple[int, str] | None = None,
+    start: tuple[int, str] | None = None,
+    checkpoints: Mapping[int, str] | None = None,
 ) -> VerifyResult:
     """Walk the chain; stop at the first bad line and say what is wrong with it.
 
     ``lines`` may keep or omit their trailing ``\\n``. ``expected_head`` is a ``(seq, hash)``
     recorded outside the file (e.g. in the database): the log must reach that seq, with that hash.
+    ``start`` is the anchor ``(seq, hash)`` of a log whose oldest records were removed by
+    retention (:mod:`app.store.auditlog` keeps it): the first line must then be record
+    ``seq + 1`` chained to ``hash``, instead of record 1 chained to :data:`GENESIS`.
+    ``checkpoints`` maps more seqs to the hashes recorded for them elsewhere; a record there
+    with another hash is bad.
     """
     count = 0
     last_seq: int | None = None
     last_hash: str | None = None
+    if start is not None:
+        if isinstance(start[0], bool) or not isinstance(start[0], int) or start[0] < 0:
+            raise ValueError(f"anchor seq must be a non-negative integer, got {start[0]!r}")
+        if not _HEX64.fullmatch(start[1]):
+            raise ValueError("anchor hash must be 64 lower-case hex characters")
+        if start[0] > 0:
+            last_seq, last_hash = start
 
     def bad(line_no: int, reason: str) -> VerifyResult:
         return VerifyResult(False, count, line_no, f"line {line_no}: {reason}", last_seq, last_hash)
@@ -380,7 +396,19 @@ def verify_lines(
         seq: int = record["seq"]
         expected_seq = 1 if last_seq is None else last_seq + 1
         if seq != expected_seq:
-            if last_seq is None:
+            if last_seq is None or (start is not None and count == 1 and start[0] > 0):
+                if start is not None and start[0] > 0:
+                    if seq > expected_seq:
+                        return bad(
+                            count,
+                            f"log starts at seq {seq}, not {expected_seq} after the retention "
+                            f"anchor (records were removed)",
+                        )
+                    return bad(
+                        count,
+                        f"seq {seq} is not the first seq after the retention anchor "
+                        f"({expected_seq})",
+                    )
                 if seq > 1:
                     return bad(count, f"log starts at seq {seq}, not 1 (records were removed)")
                 return bad(count, f"seq {seq} is not a valid first seq (must be 1)")
@@ -396,7 +424,12 @@ def verify_lines(
             return bad(count, f"seq {seq} follows {last_seq} (records were reordered or repeated)")
         wanted_prev = GENESIS if last_hash is None else last_hash
         if record["prev"] != wanted_prev:
-            where = "the genesis value" if last_hash is None else f"the hash of line {count - 1}"
+            if last_hash is None:
+                where = "the genesis value"
+            elif count == 1:
+                where = "the retention anchor's hash"
+            else:
+                where = f"the hash of line {count - 1}"
             return bad(count, f"prev is not {where} (chain broken)")
         if (
             expected_head is not None
@@ -404,6 +437,8 @@ def verify_lines(
             and record["hash"] != (expected_head[1])
         ):
             return bad(count, f"hash differs from the recorded head for seq {seq} (log rewritten)")
+        if checkpoints and seq in checkpoints and record["hash"] != checkpoints[seq]:
+            return bad(count, f"hash differs from the hash recorded for seq {seq} (log rewritten)")
         last_seq, last_hash = seq, record["hash"]
 
     if expected_head is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -38,10 +39,178 @@ class CloneTarget(_Strict):
     license_url: str | None = Field(default=None, max_length=2000)
 
 
-class NetworkPolicy(_Strict):
-    allow: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$")]] = Field(
-        default_factory=list, max_length=32
+#: Most ``host:port`` entries one spell may declare in ``execution.network.allow``.
+MAX_NETWORK_ALLOW = 32
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+#: Addresses that are never a spell's business, whatever ``ipaddress`` says about them: cloud
+#: metadata and control endpoints (several are public or in ranges Python calls global).
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean instance metadata
+        "169.254.169.123",  # AWS time sync
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.253",  # AWS VPC DNS
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "fd00:ec2::23",  # AWS IPv6 DNS
+        "100.100.100.200",  # Alibaba Cloud metadata
+        "168.63.129.16",  # Azure WireServer (a public address)
+        "192.0.0.192",  # Oracle Cloud metadata
     )
+)
+#: Ranges refused besides what ``ipaddress``'s properties catch (CGNAT is neither private nor
+#: global; 192.0.0.0/24 is IETF protocol space; NAT64 and 6to4 are decoded as well).
+BLOCKED_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "100.64.0.0/10",
+        "192.0.0.0/24",
+        "198.18.0.0/15",
+        "240.0.0.0/4",
+        "64:ff9b:1::/48",
+        "fec0::/10",
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_refusal(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, *, allow_loopback: bool = False
+) -> str | None:
+    """Why a spell may not reach ``ip`` (a short phrase), or None for a public address.
+
+    Refused: private, loopback, link-local, multicast, reserved, unspecified, site-local,
+    CGNAT (100.64/10), anything ``ipaddress`` does not call global, the ranges in
+    :data:`BLOCKED_NETWORKS` and the cloud metadata addresses in :data:`METADATA_ADDRESSES`.
+    An IPv6 address embedding an IPv4 one (IPv4-mapped, NAT64, 6to4, Teredo) is refused if the
+    embedded address is. ``allow_loopback`` lets loopback through (tests only: never set from
+    configuration).
+    """
+    if ip in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_loopback:
+        return None if allow_loopback else "a loopback address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded: list[ipaddress.IPv4Address] = []
+        if ip.ipv4_mapped is not None:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            embedded.append(ip.sixtofour)
+        if ip.teredo is not None:
+            embedded.extend(ip.teredo)
+        if ip in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        for inner in embedded:
+            why = address_refusal(inner, allow_loopback=allow_loopback)
+            if why is not None:
+                return f"{why} (embedded in {ip.compressed})"
+        if ip.ipv4_mapped is not None:
+            return None  # the IPv4 address decides (it passed)
+        if ip.is_site_local:
+            return "a site-local address"
+    for flag, what in (
+        (ip.is_unspecified, "the unspecified address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+    ):
+        if flag:
+            return what
+    if any(ip in net for net in BLOCKED_NETWORKS):
+        return "a non-public address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+def parse_network_target(entry: str) -> tuple[str, int]:
+    """``host:port`` → (host in lower case without a trailing dot, port); ValueError if bad.
+
+    ``host`` is a DNS name of at least two labels (letters, digits, hyphens; IDNs in their
+    ``xn--`` form) or an IP literal (IPv6 in brackets: ``[2001:db8::1]:443``). No wildcards, no
+    user info, no path; ``localhost`` names are refused (they always mean this machine).
+    """
+    if not isinstance(entry, str) or not entry or len(entry) > 262:
+        raise ValueError("expected host:port")
+    if entry.startswith("["):
+        host, sep, port = entry[1:].partition("]:")
+        if not sep:
+            raise ValueError("an IPv6 address needs brackets and a port: [2001:db8::1]:443")
+    else:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host:
+            raise ValueError("expected host:port")
+    if not _PORT_RE.match(port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    host = host.lower()
+    if "*" in host:
+        raise ValueError("wildcards are not allowed; list each host")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if isinstance(ip, ipaddress.IPv6Address) and not entry.startswith("["):
+            raise ValueError("an IPv6 address needs brackets: [2001:db8::1]:443")
+        return ip.compressed, int(port)
+    if entry.startswith("["):
+        raise ValueError(f"{host!r} is not an IPv6 address")
+    host = host.removesuffix(".")
+    labels = host.split(".")
+    if len(host) > 253 or len(labels) < 2 or not all(_LABEL_RE.match(lb) for lb in labels):
+        raise ValueError(
+            f"{host!r} is not a fully qualified host name (letters, digits, hyphens, dots)"
+        )
+    if labels[-1].isdigit():
+        raise ValueError(f"{host!r} is neither a host name nor an IP address")
+    if labels[-1] == "localhost":
+        raise ValueError("localhost is this machine, never reachable from a spell")
+    return host, int(port)
+
+
+def network_target_problem(entry: str) -> str | None:
+    """Why ``entry`` may not be in ``network.allow``, or None (see :func:`parse_network_target`;
+    IP literals must also be public addresses)."""
+    try:
+        host, _ = parse_network_target(entry)
+    except ValueError as e:
+        return str(e)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    why = address_refusal(ip)
+    return None if why is None else f"{host} is {why}"
+
+
+class NetworkPolicy(_Strict):
+    """``execution.network``: the hosts a service run may reach through the platform's proxy.
+
+    Without it (or with an empty ``allow``) the run has no network at all.
+    """
+
+    allow: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_NETWORK_ALLOW,
+        description='Exact "host:port" entries (HTTPS via CONNECT), e.g. "api.example.com:443".',
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for i, entry in enumerate(v):
+            problem = network_target_problem(entry)
+            if problem is not None:
+                raise ValueError(f"network.allow[{i}] {entry!r}: {problem}")
+            host, port = parse_network_target(entry)
+            canonical = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if canonical not in out:
+                out.append(canonical)
+        return out
 
 
 class Execution(_Strict):

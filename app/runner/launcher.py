@@ -9,11 +9,19 @@ Protocol (one sandbox, one job, then the sandbox is gone):
 
 1. Import what the job needs, then write :data:`READY` to stdout: interpreter start-up is paid.
 2. Read ONE line from stdin: the job, a JSON object ``{"kind", "argv", "env", "rlimits",
-   "cwd"}``, and answer :data:`JOB_TAKEN` on stdout. End of input without a job (the pool is
-   closing) exits 0 without running anything.
+   "cwd", "proxy"}``, and answer :data:`JOB_TAKEN` on stdout. End of input without a job (the
+   pool is closing) exits 0 without running anything.
 3. stdin becomes ``/dev/null`` (as in a cold run), the rlimits are set (soft and hard, so they can
    only go down from the limits the sandbox was spawned with), the environment is replaced by
-   ``env`` and the working folder is ``cwd``.
+   ``env`` and the working folder is ``cwd``. When ``proxy`` is ``{"socket", "port"}`` (a run
+   with a network allow-list), the network bridge is started: it listens on
+   ``127.0.0.1:port`` (the sandbox's own loopback) before the spell's code starts, and relays
+   every connection to the Unix socket ``socket``, where the host's proxy enforces the
+   allow-list (:mod:`app.runner.netproxy`). The bridge is a grandchild (its parent exits at
+   once, so the namespace's init adopts it and the spell has no child to wait for), holds none
+   of the output pipes, and dies with the sandbox. Its ``AF_INET`` listener needs the proxy
+   seccomp filter: only sandboxes of the proxy flavour get a job with ``proxy``; under the
+   no-network filter ``socket(AF_INET)`` answers EPERM and the launcher exits 70.
 4. ``kind`` says how ``argv`` runs:
 
    ``path``  ``[python, -I, -S, script, *args]``: the script runs in this interpreter as
@@ -27,6 +35,10 @@ Protocol (one sandbox, one job, then the sandbox is gone):
 
 An uncaught exception prints its traceback without this launcher's frames and exits 1, like the
 interpreter does; ``SystemExit`` behaves as usual.
+
+A cold run with a network allow-list is started through this launcher as well (so it gets the
+bridge); its bootstrap sets ``SPELL_LAUNCHER_COLD``, and the launcher then writes neither
+:data:`READY` nor :data:`JOB_TAKEN` (the host reads nothing from it before the spell's output).
 """
 
 from __future__ import annotations
@@ -46,6 +58,10 @@ READY = b"\0spell-launcher-ready\n"
 #: the job can still go to another sandbox.
 JOB_TAKEN = b"\0spell-launcher-job\n"
 MAX_JOB_BYTES = 16 * 1024 * 1024
+#: Bytes one bridge connection buffers per direction before it stops reading that side.
+BRIDGE_BUFFER = 256 * 1024
+#: Seconds the bridge waits for the host's proxy to accept a connection.
+BRIDGE_CONNECT_TIMEOUT = 10.0
 #: Tail of a file searched for a zip end-of-central-directory record (zip applications).
 _ZIP_TAIL = 65536 + 22
 _RLIMITS = {
@@ -159,12 +175,154 @@ def _run_python(argv: list[str], kind: str, env: dict[str, str]) -> None:
         sys.exit(1)
 
 
+def _start_bridge(path: str, port: int) -> None:
+    """Listen on ``127.0.0.1:port`` now, and relay connections to ``path`` in a grandchild."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(128)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.fork() == 0:
+                _bridge(listener, path)
+        finally:
+            os._exit(0)
+    listener.close()
+    os.waitpid(pid, 0)
+
+
+class _Half:
+    """One direction of a bridged connection: bytes read from ``src`` wait in ``buf`` for
+    ``dst``."""
+
+    __slots__ = ("buf", "dst", "eof", "shut", "src")
+
+    def __init__(self, src: Any, dst: Any) -> None:
+        self.src = src
+        self.dst = dst
+        self.buf = bytearray()
+        self.eof = False
+        self.shut = False
+
+
+def _bridge(listener: Any, path: str) -> NoReturn:
+    """Relay every connection accepted on ``listener`` to the Unix socket ``path`` (one
+    thread, non-blocking, bounded buffers, half-close passed on). Never returns."""
+    import contextlib
+    import selectors
+    import socket
+
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):  # never hold the sandbox's output pipes open
+        os.dup2(null, fd)
+    os.close(null)
+    sel = selectors.DefaultSelector()
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ)
+    reading: dict[Any, _Half] = {}  # socket -> the half it is the source of
+    writing: dict[Any, _Half] = {}  # socket -> the half it is the destination of
+    watched: dict[Any, int] = {}
+
+    def interest(s: Any) -> None:
+        if s not in reading:
+            return
+        ev = 0
+        out, inc = reading[s], writing[s]
+        if not out.eof and len(out.buf) < BRIDGE_BUFFER:
+            ev |= selectors.EVENT_READ
+        if inc.buf:
+            ev |= selectors.EVENT_WRITE
+        old = watched.get(s, 0)
+        if ev == old:
+            return
+        if not ev:
+            sel.unregister(s)
+            del watched[s]
+        elif not old:
+            sel.register(s, ev)
+            watched[s] = ev
+        else:
+            sel.modify(s, ev)
+            watched[s] = ev
+
+    def drop(s: Any) -> None:
+        peer = reading[s].dst
+        for x in (s, peer):
+            if x in watched:
+                sel.unregister(x)
+                del watched[x]
+            reading.pop(x, None)
+            writing.pop(x, None)
+            x.close()
+
+    while True:
+        for key, mask in sel.select():
+            s: Any = key.fileobj
+            if s is listener:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    continue
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    upstream.settimeout(BRIDGE_CONNECT_TIMEOUT)
+                    upstream.connect(path)
+                except OSError:
+                    client.close()
+                    upstream.close()
+                    continue
+                client.setblocking(False)
+                upstream.setblocking(False)
+                a, b = _Half(client, upstream), _Half(upstream, client)
+                reading[client], writing[upstream] = a, a
+                reading[upstream], writing[client] = b, b
+                interest(client)
+                interest(upstream)
+                continue
+            if s not in reading:
+                continue
+            out, inc = reading[s], writing[s]
+            try:
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = s.recv(65536)
+                    except (BlockingIOError, InterruptedError):
+                        data = None
+                    if data:
+                        out.buf += data
+                    elif data is not None:
+                        out.eof = True
+                if mask & selectors.EVENT_WRITE and inc.buf:
+                    with contextlib.suppress(BlockingIOError, InterruptedError):
+                        del inc.buf[: s.send(inc.buf)]
+            except OSError:
+                drop(s)
+                continue
+            for half in (out, inc):
+                if half.eof and not half.buf and not half.shut:
+                    half.shut = True
+                    with contextlib.suppress(OSError):
+                        half.dst.shutdown(socket.SHUT_WR)
+            if out.shut and inc.shut:
+                drop(s)
+                continue
+            peer = out.dst
+            interest(s)
+            interest(peer)
+
+
 def main() -> None:
-    os.write(1, READY)
+    cold = bool(globals().get("SPELL_LAUNCHER_COLD"))
+    if not cold:
+        os.write(1, READY)
     raw = _read_job()
     if not raw.strip():
         os._exit(0)
-    os.write(1, JOB_TAKEN)
+    if not cold:
+        os.write(1, JOB_TAKEN)
     job: dict[str, Any] = json.loads(raw)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -175,6 +333,13 @@ def main() -> None:
     env: dict[str, str] = {**job["env"], "PWD": job["cwd"]}  # as bwrap's --chdir sets it
     os.environ.clear()
     os.environ.update(env)
+    proxy = job.get("proxy")
+    if proxy:
+        try:
+            _start_bridge(proxy["socket"], int(proxy["port"]))
+        except OSError as exc:
+            os.write(2, f"spell launcher: the network bridge failed: {exc}\n".encode())
+            os._exit(70)
     argv: list[str] = job["argv"]
     kind = job["kind"]
     del raw, job

@@ -8,16 +8,21 @@ options), running :mod:`app.runner.launcher`, which waits on stdin for ONE job.
 What a cold run fixes at spawn but a warm sandbox cannot know yet:
 
 * **Its folders.** Each warm sandbox binds a fresh per-sandbox *slot* folder made at spawn:
-  ``bundle/`` (read-only at ``/spell``), ``input.json`` (read-only at ``/tmp/input.json``) and
-  ``out/`` (read-write at ``/tmp/out``, owned by the sandbox uid). When a run is assigned, the
-  host fills the slot (:func:`fill_slot`: the bundle hard-linked, or copied, with the same owners
-  and modes; the input copied) and, after the run, renames ``out/`` onto the run's output folder
-  (:func:`move_output`).
+  ``bundle/`` (read-only at ``/spell``), ``input.json`` (read-only at ``/tmp/input.json``),
+  ``out/`` (read-write at ``/tmp/out``, owned by the sandbox uid) and ``net/`` (read-only at
+  ``/run/spell``: empty, or the run's proxy socket, :mod:`app.runner.netproxy`). When a run
+  is assigned, the host fills the slot (:func:`fill_slot`: the bundle hard-linked, or copied,
+  with the same owners and modes; the input copied) and, after the run, renames ``out/`` onto
+  the run's output folder (:func:`move_output`).
 * **Its limits.** A warm sandbox is spawned for a :class:`WarmProfile` (memory, output cap,
   processes: the tmpfs sizes and the rlimits that cannot change later) with the CPU limit at its
   maximum; the launcher lowers every rlimit to the run's values (soft and hard) before the spell
   starts. A run whose profile no warm sandbox has starts cold, and the pool shifts towards the
   profiles of the latest runs.
+* **Its seccomp filter.** It is installed by bwrap at spawn and cannot change, so it is part of
+  the profile: the default (no-network) flavour refuses ``AF_INET``/``AF_INET6`` sockets and
+  serves only runs without a network allow-list; the proxy flavour (``network=True``) allows
+  them and serves only runs with one (:func:`app.runner.sandbox.seccomp_program`).
 
 Rules: a sandbox runs one job and is then discarded (its processes gone, its slot removed);
 the replacement is spawned in the background as soon as that run is over (not while it runs, so
@@ -101,12 +106,19 @@ State = Literal["idle", "taken", "retired", "dead"]
 
 @dataclass(frozen=True)
 class WarmProfile:
-    """What a sandbox fixes when it is spawned (tmpfs sizes, AS/FSIZE/NPROC); the default is
-    what a run of a spell with default limits gets (``memory_mb`` 256, 100 MiB output)."""
+    """What a sandbox fixes when it is spawned (tmpfs sizes, AS/FSIZE/NPROC, seccomp filter);
+    the default is what a run of a spell with default limits and no network gets
+    (``memory_mb`` 256, 100 MiB output, the no-network filter).
+
+    ``network``: the proxy flavour, whose seccomp filter allows ``AF_INET``/``AF_INET6``
+    sockets (the bridge to the run's proxy needs them); it serves only runs with a network
+    allow-list, and the default no-network flavour only runs without one.
+    """
 
     memory_mb: int = 256
     max_output_bytes: int = 100 * _MIB
     max_procs: int = 64
+    network: bool = False
 
 
 @functools.cache
@@ -172,7 +184,8 @@ class UidBroker:
 
 
 def make_slot(warm_dir: Path, owner: int | None) -> Path:
-    """A fresh slot folder: ``bundle/``, an empty ``input.json`` and ``out/`` for ``owner``.
+    """A fresh slot folder: ``bundle/``, an empty ``input.json``, ``out/`` for ``owner`` and
+    ``net/`` (bound at ``/run/spell``; the run's proxy socket goes there if it has network).
 
     ``owner`` is the sandbox uid when the runner is root (``out/`` is chowned to it), else None.
     """
@@ -185,6 +198,8 @@ def make_slot(warm_dir: Path, owner: int | None) -> Path:
     out.mkdir(mode=0o700)
     if owner is not None:
         os.chown(out, owner, owner)
+    (slot / "net").mkdir(mode=0o711)
+    os.chmod(slot / "net", 0o711)  # noqa: S103 - traversable (not listable) by the sandbox uid
     os.chmod(slot, 0o711)  # noqa: S103 - the sandbox uid must traverse it, not list it
     return slot
 

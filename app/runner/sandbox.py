@@ -9,6 +9,16 @@ The recipe (measured in ``FACTS.md`` § Sandbox):
   namespaces, no capabilities, no inherited environment; ``setpriv --no-new-privs``.
 * A seccomp deny-list (:func:`seccomp_program`, x86_64 and aarch64) answers EPERM for ptrace,
   mount, unshare/setns, bpf, io_uring, perf, keyrings, modules, ... and ENOSYS for clone3.
+  Sockets: two filters. The **no-network** filter (every run without a network allow-list)
+  lets ``socket()`` create only ``AF_UNIX`` sockets: ``AF_INET``/``AF_INET6`` answer EPERM.
+  The **proxy** filter (runs with an allow-list) also allows ``AF_INET``/``AF_INET6``, for the
+  bridge below. In both, every other family answers EAFNOSUPPORT (netlink, packet, vsock, ...)
+  and ``socketpair()`` is ``AF_UNIX`` only.
+* Network: none, unless the spec carries a :class:`~app.runner.netproxy.NetworkAccess` (the
+  spell's ``execution.network.allow``): then a per-run CONNECT proxy on the host serves a Unix
+  socket in the folder every sandbox has bound read-only at ``/run/spell``, and the launcher
+  bridges it to ``127.0.0.1:3128`` inside (``HTTPS_PROXY`` and friends point there). Why
+  ``AF_INET`` is allowed for those runs and what is refused: :mod:`app.runner.netproxy`.
 * A minimal root: ``/usr`` read-only plus the usrmerge symlinks, fresh ``/proc``, ``/dev``, size-
   limited tmpfs at ``/tmp`` and ``/dev/shm``; the bundle read-only at ``/spell`` (the cwd), the
   input read-only at ``/tmp/input.json`` and the output folder read-write at ``/tmp/out``. ``/``
@@ -35,6 +45,9 @@ The recipe (measured in ``FACTS.md`` § Sandbox):
   closed).
 * Warm pool (``warm`` > 0, :mod:`app.runner.pool`): the same sandboxes, spawned before a run
   needs one, built from the same :meth:`BwrapSandbox._options`; see :class:`BwrapSandbox`.
+  The seccomp filter is fixed at spawn, so it is part of a warm sandbox's
+  :class:`~app.runner.pool.WarmProfile`: no-network sandboxes serve only runs without an
+  allow-list, proxy-flavoured ones only runs with one (:func:`warm_profile_of`).
 
 Outcome classification (first match wins):
 
@@ -81,6 +94,16 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from app.runner.fstree import MAX_OUTPUT_DEPTH, remove_tree, tree_usage
+from app.runner.netproxy import (
+    PROXY_ENV_NAMES,
+    PROXY_PORT,
+    SANDBOX_NET_DIR,
+    SANDBOX_PROXY_SOCKET,
+    NetProxy,
+    NetworkAccess,
+    ProxyFactory,
+    proxy_env,
+)
 from app.runner.pool import (
     WARM_MAX_CPU_SEC,
     AdoptedInit,
@@ -153,7 +176,7 @@ _MEMORY_MARKERS = re.compile(
 # strerror(EFBIG): Python ignores SIGXFSZ, so RLIMIT_FSIZE surfaces as an OSError.
 _FILE_TOO_LARGE_MARKER = "File too large"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_RESERVED_ENV = frozenset({"HOME", "PATH", "LANG", "SPELL_INPUT", "SPELL_OUT"})
+_RESERVED_ENV = frozenset({"HOME", "PATH", "LANG", "SPELL_INPUT", "SPELL_OUT", *PROXY_ENV_NAMES})
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
 _SIGXFSZ_EXIT = 128 + signal.SIGXFSZ
 _SIGKILL_EXIT = 128 + signal.SIGKILL
@@ -170,6 +193,9 @@ LAUNCHER_BOOTSTRAP = (
     "    b += c\n"
     "exec(compile(b, '<spell-launcher>', 'exec'))\n"
 )
+#: The same for a cold run with a network allow-list: source and job come on stdin at once,
+#: and the launcher writes nothing of its own to stdout.
+LAUNCHER_BOOTSTRAP_COLD = "SPELL_LAUNCHER_COLD = True\n" + LAUNCHER_BOOTSTRAP
 #: Environment names a Python spell may be given and still run in a warm launcher's
 #: interpreter: none of them is read by the interpreter or libc at start-up (``LC_*``, ``TZ``,
 #: ``LD_*``, ``MALLOC_*``... are, so a spell given those is exec'ed afresh).
@@ -198,6 +224,8 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cpu_sec: int | None = None
     max_procs: int = 64
+    #: None: no network at all; else the hosts the run may reach through the proxy
+    network: NetworkAccess | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -477,10 +505,19 @@ async def _supervise(
     on_line: LineCallback | None,
     reap_group_after_exit: bool,
     after_exit: Callable[[], Awaitable[None]] | None = None,
+    stdin_data: bytes | None = None,
 ) -> _RawRun:
-    """Spawn ``cmd`` (already wrapped in ``prlimit``) and watch it until it is gone."""
+    """Spawn ``cmd`` (already wrapped in ``prlimit``) and watch it until it is gone.
+
+    ``stdin_data``: written to its stdin, which is then closed (else stdin is ``/dev/null``)."""
     started = time.monotonic()
-    proc = await _spawn(cmd, env=env, cwd=cwd, pass_fds=pass_fds)
+    if stdin_data is None:
+        proc = await _spawn(cmd, env=env, cwd=cwd, pass_fds=pass_fds)
+    else:
+        proc = await _spawn(cmd, env=env, cwd=cwd, pass_fds=pass_fds, stdin=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None
+        proc.stdin.write(stdin_data)  # buffered by the transport; a dead reader drops it
+        proc.stdin.close()
     return await _watch(
         proc,
         spec=spec,
@@ -628,6 +665,8 @@ _SECCOMP_RET_KILL_PROCESS = 0x80000000
 _SECCOMP_RET_ERRNO = 0x00050000
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _X32_SYSCALL_BIT = 0x40000000
+#: offsetof(struct seccomp_data, args): int nr, u32 arch, u64 instruction_pointer
+_SECCOMP_ARGS_OFFSET = 16
 
 #: Syscalls a spell never needs that widen the kernel attack surface or reach outside the
 #: sandbox (tracing, mounts, namespaces, BPF, io_uring, keyrings, modules, clocks, ...).
@@ -662,14 +701,31 @@ _DENIED_SYSCALLS: dict[str, dict[str, int]] = {
 #: clone3 answers ENOSYS (its flags live in memory, so they cannot be filtered): libc then
 #: falls back to clone, whose namespace flags --disable-userns and the missing caps refuse.
 _CLONE3 = 435
+#: socket() and socketpair(): which address families (first argument) each filter allows.
+#: Every sandbox: ``AF_UNIX`` (the proxy socket, pipes-like IPC, asyncio's self-pipe); the
+#: rest (netlink, packet, vsock, bluetooth, alg, ...) answer EAFNOSUPPORT, as if the kernel had
+#: none of them. ``AF_INET``/``AF_INET6`` are the one difference between the two filters: the
+#: no-network filter (every run without an allow-list, the default) answers EPERM, a refusal
+#: by policy; the proxy filter (runs with an allow-list) allows them, because the in-sandbox
+#: bridge listens on ``127.0.0.1`` and HTTP clients open TCP sockets to it. Why that is no way
+#: out: :mod:`app.runner.netproxy`. ``socketpair()`` is ``AF_UNIX`` only in both.
+_SOCKET_CALLS = {"x86_64": (41, 53), "aarch64": (198, 199)}
+_AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10
+_NETWORK_FAMILIES = (_AF_INET, _AF_INET6)
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
 
-def seccomp_program(machine: str) -> bytes | None:
+def seccomp_program(machine: str, *, network: bool = False) -> bytes | None:
     """The BPF program (array of ``struct sock_filter``) for ``machine``; None if unsupported.
 
+    ``network`` False: the **no-network** filter, for every run without a network allow-list
+    (and every warm sandbox of the default flavour); True: the **proxy** filter, for runs with
+    one. They differ only in ``socket(AF_INET|AF_INET6, ...)``: EPERM vs allowed.
+
     Layout: kill the process on a foreign syscall ABI (i386 via ``int 0x80``, x32), answer
-    EPERM for :data:`_DENIED_SYSCALLS`, ENOSYS for clone3, allow the rest.
+    EPERM for :data:`_DENIED_SYSCALLS`, ENOSYS for clone3; for ``socket()``: allow ``AF_UNIX``,
+    ``AF_INET``/``AF_INET6`` allowed (proxy) or EPERM (no-network), EAFNOSUPPORT for every
+    other family; for ``socketpair()``: ``AF_UNIX`` only, else EAFNOSUPPORT; allow the rest.
     """
     denied = _DENIED_SYSCALLS.get(machine)
     if denied is None:
@@ -696,6 +752,22 @@ def seccomp_program(machine: str) -> bytes | None:
     ]
     for nr in sorted(set(denied.values())):
         prog += [insn(_BPF_JEQ_K, nr, jf=1), errno_ret]
+    allow = _SECCOMP_RET_ALLOW
+    inet = allow if network else _SECCOMP_RET_ERRNO | errno.EPERM
+    socket_nr, socketpair_nr = _SOCKET_CALLS[machine]
+    verdicts: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = (
+        (socket_nr, ((_AF_UNIX, allow), *((f, inet) for f in _NETWORK_FAMILIES))),
+        (socketpair_nr, ((_AF_UNIX, allow),)),
+    )
+    for nr, families in verdicts:
+        # if nr matches: load the low 32 bits of args[0] (the int domain; both ABIs are
+        # little-endian), return the listed family's verdict, else EAFNOSUPPORT; if nr does
+        # not match, skip the block (the accumulator still holds nr)
+        prog.append(insn(_BPF_JEQ_K, nr, jf=2 * len(families) + 2))
+        prog.append(insn(_BPF_LD_W_ABS, _SECCOMP_ARGS_OFFSET))
+        for family, verdict in families:
+            prog += [insn(_BPF_JEQ_K, family, jf=1), insn(_BPF_RET_K, verdict)]
+        prog.append(insn(_BPF_RET_K, _SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT))
     prog.append(insn(_BPF_RET_K, _SECCOMP_RET_ALLOW))
     return b"".join(prog)
 
@@ -741,10 +813,17 @@ class BwrapSandbox:
 
     ``warm`` > 0 keeps that many single-use sandboxes pre-spawned (:mod:`app.runner.pool`), so
     a run skips the bwrap and interpreter start-up: same options, same uid drop, same seccomp
-    filter and rlimits as a cold run (see :meth:`_spawn_warm`). The pool starts filling once
-    :meth:`probe` passes, in that event loop; :meth:`aclose` kills it. Slot folders go to
-    ``warm_dir`` (default: a private folder under the system temp dir); a run uses a warm
-    sandbox only when its ``out_dir`` can be renamed from there (same file system), else cold.
+    filter and rlimits as a cold run (see :meth:`_spawn_warm`). The filter is the profile's
+    (no-network by default; the proxy one for runs with an allow-list, :func:`warm_profile_of`),
+    so a run only ever gets a warm sandbox with the filter its cold run would have had. The
+    pool starts filling once :meth:`probe` passes, in that event loop; :meth:`aclose` kills it.
+    Slot folders go to ``warm_dir`` (default: a private folder under the system temp dir); a
+    run uses a warm sandbox only when its ``out_dir`` can be renamed from there (same file
+    system), else cold.
+
+    A spec with ``network`` gets a :class:`~app.runner.netproxy.NetProxy` for the run, made by
+    ``proxy_factory`` (tests pass one with a fake resolver and the loopback allowance; the
+    production path never does).
     """
 
     name = "bwrap"
@@ -758,6 +837,7 @@ class BwrapSandbox:
         warm: int = 0,
         warm_dir: Path | None = None,
         warm_profile: WarmProfile | None = None,
+        proxy_factory: ProxyFactory = NetProxy,
     ) -> None:
         if uid == 0 or 0 in uid_pool:
             raise ValueError("the sandbox uid must not be 0")
@@ -777,6 +857,7 @@ class BwrapSandbox:
         self._warm_profile = warm_profile or WarmProfile()
         self._pool: WarmPool | None = None
         self._warned_loop = False
+        self._proxy_factory = proxy_factory
 
     @property
     def pool(self) -> WarmPool | None:
@@ -794,6 +875,10 @@ class BwrapSandbox:
             self._prlimit_path()
             if not become_reaper():
                 log.info("cannot adopt orphans: bwrap's exited namespace inits go to init")
+            try:  # cold runs' /run/spell folders left by crashed processes
+                remove_stale_slots(Path(tempfile.gettempdir()), prefix=NET_DIR_PREFIX)
+            except Exception:
+                log.exception("could not remove stale sandbox network folders")
             work = _make_probe_workspace()
             try:
                 spec = SandboxSpec(
@@ -931,7 +1016,8 @@ class BwrapSandbox:
     ) -> asyncio.subprocess.Process:
         """A sandbox built exactly like a cold one (same :meth:`_options`, setpriv, seccomp,
         prlimit), binding the slot's folders, running the launcher. The limits are the
-        profile's, with the CPU limit at :data:`WARM_MAX_CPU_SEC` until the job lowers it."""
+        profile's, with the CPU limit at :data:`WARM_MAX_CPU_SEC` until the job lowers it; the
+        seccomp filter is the profile's flavour (no-network, or proxy for ``network``)."""
         limits = _Limits(
             address_space=profile.memory_mb * _MIB,
             cpu_sec=WARM_MAX_CPU_SEC - 1,
@@ -941,7 +1027,7 @@ class BwrapSandbox:
         cmd_prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
         fds: list[int] = []
         try:
-            seccomp_fd = self._seccomp_fd()
+            seccomp_fd = self._seccomp_fd(network=profile.network)
             if seccomp_fd is not None:
                 fds.append(seccomp_fd)
             args_fd = _memfd("bwrap-args", b"")
@@ -951,6 +1037,7 @@ class BwrapSandbox:
                 bundle_dir=slot / "bundle",
                 input_path=slot / "input.json",
                 out_dir=slot / "out",
+                net_dir=slot / "net",
                 env=_sandbox_env({}),
                 status_fd=None,
                 seccomp_fd=seccomp_fd,
@@ -981,10 +1068,19 @@ class BwrapSandbox:
     ) -> SandboxResult | None:
         """Fill ``warm``'s slot, hand it the job, watch it like a cold run; None if it was
         already dead (the job never reached it)."""
+        if warm.profile.network != (spec.network is not None):
+            # never: the pool hands out sandboxes of the run's own profile (warm_profile_of)
+            warm.discard()
+            raise RuntimeError("a warm sandbox of the wrong network flavour was taken")
         root = _running_as_root()
+        proxy: NetProxy | None = None
         try:
             bundle_dir, input_path, out_dir = _prepare_paths(spec, warm.uid if root else None)
             await asyncio.to_thread(fill_slot, warm.slot, bundle_dir, input_path, root=root)
+            if spec.network is not None:  # the socket appears in the already bound folder
+                proxy = await self._start_proxy(
+                    spec, spec.network, warm.slot / "net", warm.uid if root else None
+                )
             started = time.monotonic()
             if not await warm.send_job(_warm_job(spec)):
                 log.warning("a warm sandbox was dead before it took its job; trying again")
@@ -1013,6 +1109,8 @@ class BwrapSandbox:
                     raise
                 await asyncio.to_thread(copy_output, warm.out_dir, out_dir)
         finally:
+            if proxy is not None:
+                await proxy.aclose()
             warm.discard()
         return _classify(raw, spec)
 
@@ -1046,6 +1144,7 @@ class BwrapSandbox:
         bundle_dir: Path,
         input_path: Path,
         out_dir: Path,
+        net_dir: Path,
         env: Mapping[str, str],
         status_fd: int | None,
         seccomp_fd: int | None,
@@ -1053,6 +1152,8 @@ class BwrapSandbox:
         """bwrap's options: the one definition of the isolation, for cold and warm sandboxes.
 
         ``tmpfs_size``: tmpfs is RAM, so it is bounded by the run's memory budget.
+        ``net_dir``: bound read-only at ``/run/spell`` in every sandbox; empty unless the run
+        has a network allow-list (then it holds the proxy's socket).
         """
         opts = [
             "--unshare-all",
@@ -1080,6 +1181,7 @@ class BwrapSandbox:
             "--ro-bind", str(bundle_dir), SPELL_DIR,
             "--ro-bind", str(input_path), INPUT_PATH,
             "--bind", str(out_dir), OUT_DIR,
+            "--ro-bind", str(net_dir), SANDBOX_NET_DIR,
             "--remount-ro", "/",
             "--chdir", SPELL_DIR,
         ]  # fmt: skip
@@ -1105,11 +1207,18 @@ class BwrapSandbox:
         statuses: dict[str, object] | None = None
         limits = _Limits.of(spec)
         prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
-        paths = _prepare_paths(spec, uid if _running_as_root() else None)
-        status_read, status_write = os.pipe()
+        owner = uid if _running_as_root() else None
+        paths = _prepare_paths(spec, owner)
+        net_dir = _make_net_dir()
+        proxy: NetProxy | None = None
+        try:
+            status_read, status_write = os.pipe()
+        except BaseException:
+            remove_tree(net_dir)
+            raise
         fds = [status_read, status_write]
         try:
-            seccomp_fd = self._seccomp_fd()
+            seccomp_fd = self._seccomp_fd(network=spec.network is not None)
             if seccomp_fd is not None:
                 fds.append(seccomp_fd)
             args_fd = _memfd("bwrap-args", b"")
@@ -1119,12 +1228,24 @@ class BwrapSandbox:
                 bundle_dir=paths[0],
                 input_path=paths[1],
                 out_dir=paths[2],
-                env=_sandbox_env(spec.env),
+                net_dir=net_dir,
+                env=_sandbox_env(spec.env, network=spec.network is not None),
                 status_fd=status_write,
                 seccomp_fd=seccomp_fd,
             )
             _write_args(args_fd, options)
-            cmd = [*prefix, "--args", str(args_fd), "--", *spec.argv]
+            stdin_data: bytes | None = None
+            if spec.network is None:
+                cmd = [*prefix, "--args", str(args_fd), "--", *spec.argv]
+            else:
+                # the launcher starts the network bridge before the spell, as in a warm run
+                proxy = await self._start_proxy(spec, spec.network, net_dir, owner)
+                cmd = [
+                    *prefix,
+                    "--args", str(args_fd),
+                    "--", SANDBOX_PYTHON, "-I", "-S", "-c", LAUNCHER_BOOTSTRAP_COLD,
+                ]  # fmt: skip
+                stdin_data = _launcher_input(spec)
 
             async def finish_init() -> None:
                 # bwrap's monitor has exited: everything it will write is in the pipe
@@ -1143,6 +1264,7 @@ class BwrapSandbox:
                 on_line=on_line,
                 reap_group_after_exit=False,
                 after_exit=finish_init,
+                stdin_data=stdin_data,
             )
         finally:
             if statuses is None:  # cancelled or failed: still kill and reap its init
@@ -1150,6 +1272,9 @@ class BwrapSandbox:
                     reaped.append(_kill_init(_read_json_status(status_read)))
             for fd in fds:
                 os.close(fd)
+            if proxy is not None:
+                await proxy.aclose()
+            remove_tree(net_dir)
         assert statuses is not None
         if (
             raw.killed_for is None
@@ -1164,8 +1289,24 @@ class BwrapSandbox:
             )
         return _classify(raw, spec)
 
-    def _seccomp_fd(self) -> int | None:
-        program = seccomp_program(platform.machine())
+    async def _start_proxy(
+        self, spec: SandboxSpec, access: NetworkAccess, net_dir: Path, owner: int | None
+    ) -> NetProxy:
+        """The run's CONNECT proxy, serving ``net_dir/proxy.sock`` for the sandbox uid."""
+        proxy = self._proxy_factory(
+            access,
+            max_seconds=spec.timeout_sec,
+            label=spec.env.get("SPELL_CAST_ID") or "a run",
+        )
+        try:
+            await proxy.start(net_dir, owner)
+        except OSError as exc:
+            raise SandboxUnavailable(f"the network proxy could not start: {exc}") from exc
+        return proxy
+
+    def _seccomp_fd(self, *, network: bool) -> int | None:
+        """A memfd holding the no-network or (``network``) the proxy filter, for ``--seccomp``."""
+        program = seccomp_program(platform.machine(), network=network)
         if program is None:
             if not self._warned_seccomp:
                 log.warning(
@@ -1213,20 +1354,44 @@ def _exec_failed(stderr_tail: str, argv0: str) -> bool:
 
 
 def warm_profile_of(spec: SandboxSpec) -> WarmProfile:
-    """The warm sandboxes ``spec`` can run in."""
-    return WarmProfile(spec.memory_mb, spec.max_output_bytes, spec.max_procs)
+    """The warm sandboxes ``spec`` can run in: same limits, and the proxy flavour (its seccomp
+    filter allows ``AF_INET``/``AF_INET6``) exactly when the run has a network allow-list."""
+    return WarmProfile(
+        spec.memory_mb, spec.max_output_bytes, spec.max_procs, network=spec.network is not None
+    )
 
 
-def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The spell's whole environment (bwrap starts from ``--clearenv``)."""
+def _sandbox_env(extra: Mapping[str, str], *, network: bool = False) -> dict[str, str]:
+    """The spell's whole environment (bwrap starts from ``--clearenv``); with ``network``, the
+    proxy variables (:func:`app.runner.netproxy.proxy_env`)."""
     return {
         "HOME": SANDBOX_TMP,
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         **extra,
+        **(proxy_env() if network else {}),
         "SPELL_INPUT": INPUT_PATH,
         "SPELL_OUT": OUT_DIR,
     }
+
+
+def _launcher_input(spec: SandboxSpec) -> bytes:
+    """What a cold launcher reads on stdin: its source (length-prefixed), then the job."""
+    source = launcher_source().encode()
+    job = json.dumps(_warm_job(spec), separators=(",", ":")).encode()
+    return b"%012d" % len(source) + source + job + b"\n"
+
+
+#: Prefix of the per-run folders bound at ``/run/spell`` in cold runs (``<prefix><pid>-…``).
+NET_DIR_PREFIX = "spell-net-"
+
+
+def _make_net_dir() -> Path:
+    """A cold run's folder for ``/run/spell``: private to us, traversable (not listable) by the
+    sandbox uid; removed after the run (and, after a crash, by the next probe)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{NET_DIR_PREFIX}{os.getpid()}-"))
+    path.chmod(0o711)
+    return path
 
 
 def _write_args(fd: int, options: Sequence[str]) -> None:
@@ -1257,9 +1422,12 @@ def _warm_job(spec: SandboxSpec) -> dict[str, object]:
     return {
         "kind": kind,
         "argv": argv,
-        "env": _sandbox_env(spec.env),
+        "env": _sandbox_env(spec.env, network=spec.network is not None),
         "rlimits": _Limits.of(spec).for_launcher(),
         "cwd": SPELL_DIR,
+        "proxy": None
+        if spec.network is None
+        else {"socket": SANDBOX_PROXY_SOCKET, "port": PROXY_PORT},
     }
 
 
@@ -1339,8 +1507,9 @@ class UnsafeSubprocessSandbox:
     async def run(self, spec: SandboxSpec, on_line: LineCallback | None = None) -> SandboxResult:
         log.warning(
             "UNSAFE: running %s WITHOUT a sandbox: no namespaces, host files and network "
-            "are reachable (SPELL_UNSAFE_NO_SANDBOX=1; never use this in production)",
+            "are reachable (SPELL_UNSAFE_NO_SANDBOX=1; never use this in production)%s",
             spec.argv[0],
+            "; its network allow-list is NOT enforced" if spec.network is not None else "",
         )
         root = _running_as_root()
         uid = self._uid if root else None

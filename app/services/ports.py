@@ -65,6 +65,13 @@ class ArtifactStore(Protocol):
 
     async def delete(self, location: str) -> None: ...
 
+    async def put_object(self, key: str, src: Path, *, content_type: str) -> str:
+        """Store any file (e.g. an exported audit segment) under ``key``, a relative path such
+        as ``audit/2026-11-26.jsonl`` (no ``..``, no leading ``/``), replacing what is there.
+        Returns its location, which ``open_path`` and ``delete`` accept. Local folder: under
+        the artifacts folder; S3: ``PREFIX/<key>``, encrypted, with its sha256 checked."""
+        ...
+
 
 class AuditSink(Protocol):
     async def append(

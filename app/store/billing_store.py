@@ -32,6 +32,7 @@ from app.domain.billing import (
 from app.domain.caps import month_period
 from app.errors import AppError
 from app.services.ports import Clock
+from app.store import billing_hot, hot
 from app.store.ledger import SqlLedger, new_id
 from app.store.models import (
     BillingCharge,
@@ -185,37 +186,57 @@ class BillingStore:
 
     # ------------------------------------------------------------------ pending lines & charges
 
-    async def add_pending(self, cast: Cast) -> BillingCharge | None:
+    async def add_pending(self, cast: Cast) -> billing_hot.Pending:
         """Record a settled cast's amount as a pending line and, when the account's pending
         lines in that currency reach Stripe's minimum, batch them into one new charge (named
-        after this cast). Idempotent: a redelivered job gets the charge its line is in."""
+        after this cast). Idempotent: a redelivered job gets the charge its line is in.
+
+        One bare-driver program (app/store/billing_hot.py): the account's row is locked and
+        read in the same transaction, so collecting needs no further read."""
         assert cast.cost_cents is not None and cast.cost_cents > 0
         now = self.clock.now()
-        async with self.ledger.write() as s:
-            await self._lock_customer(s, cast.caster_id)
-            await s.execute(
-                self.ledger._insert(BillingPending)
-                .values(
-                    cast_id=cast.id,
-                    account_id=cast.caster_id,
-                    amount_cents=cast.cost_cents,
-                    currency=cast.currency,
-                    period=month_period(cast.finished_at or now),
-                    created_at=now,
+        cast_id, account_id, amount = cast.id, cast.caster_id, cast.cost_cents
+        currency, period = cast.currency, month_period(cast.finished_at or now)
+        return await self.ledger.fast.run(
+            lambda: billing_hot.add_pending(
+                cast_id=cast_id,
+                account_id=account_id,
+                amount_cents=amount,
+                currency=currency,
+                period=period,
+                charge_id=charge_key(cast_id),
+                now=now,
+            )
+        )
+
+    async def gate_row(self, account_id: str) -> dict[str, Any] | None:
+        """The account's billing row for the cast gate (one bare-driver read: it runs before
+        every paid cast)."""
+        return await self.ledger.fast.run(lambda: billing_hot.customer(account_id), atomic=False)
+
+    async def cancel_queued(
+        self, account_id: str, *, error_code: str, error_message: str
+    ) -> list[Cast]:
+        """Fail the account's paid casts that have not started yet, releasing their
+        reservations (a failed payment, SPEC §23.2). One transaction; exact: a cast that
+        started meanwhile is left alone."""
+        now = self.clock.now()
+        billing = self.ledger.billing_enabled
+
+        def program() -> Any:
+            ids = yield from billing_hot.queued_paid_casts(account_id)
+            return (
+                yield from hot.cancel_queued(
+                    ids,
+                    error_code=error_code,
+                    error_message=error_message,
+                    billing=billing,
+                    now=now,
                 )
-                .on_conflict_do_nothing(index_elements=["cast_id"])
             )
-            charge_id = await s.scalar(
-                select(BillingPending.charge_id).where(BillingPending.cast_id == cast.id)
-            )
-            if charge_id is not None:
-                return await s.get(BillingCharge, charge_id)
-            total = await self._open_total(s, cast.caster_id, cast.currency)
-            if plan_collection(total, cast.currency, period_ended=False).action != "charge":
-                return None
-            return await self._batch(
-                s, charge_key(cast.id), cast.caster_id, cast.currency, "payment_intent"
-            )
+
+        rows: list[dict[str, Any]] = await self.ledger.fast.run(program)
+        return [Cast(**row) for row in rows]
 
     async def _open_total(
         self, s: AsyncSession, account_id: str, currency: str, *, period: str | None = None
@@ -367,21 +388,21 @@ class BillingStore:
     ) -> bool:
         """Move a charge to ``status`` if it is in one of ``from_states``: one conditional
         UPDATE, so of concurrent workers exactly one gets True."""
-        values: dict[str, Any] = {"status": status, "updated_at": self.clock.now()}
-        if stripe_id is not None:
-            values["stripe_id"] = stripe_id
-        if failure_code is not None or status == "succeeded":
-            values["failure_code"] = failure_code
-        if event_created is not None:
-            values["last_event_created"] = event_created
-        async with self.ledger.write() as s:
-            res = await s.execute(
-                update(BillingCharge)
-                .where(BillingCharge.id == charge_id, BillingCharge.status.in_(list(from_states)))
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+        now = self.clock.now()
+        states = tuple(from_states)
+        return await self.ledger.fast.run(
+            lambda: billing_hot.set_charge_state(
+                charge_id,
+                status,
+                from_states=states,
+                now=now,
+                stripe_id=stripe_id,
+                failure_code=failure_code,
+                set_failure_code=failure_code is not None or status == "succeeded",
+                event_created=event_created,
+            ),
+            atomic=False,
+        )
 
     async def note_stripe_id(self, charge_id: str, stripe_id: str) -> None:
         async with self.ledger.write() as s:
@@ -623,18 +644,31 @@ class BillingStore:
             assert ent is not None
             return ent, bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def revoke_entitlements(self, payment_intent_id: str) -> int:
+    async def revoke_entitlements(self, payment_intent_id: str) -> list[str]:
+        """Revoke what a (failed) payment bought; the accounts of the entitlements revoked,
+        one entry per entitlement (empty: nothing was active)."""
         async with self.ledger.write() as s:
-            res = await s.execute(
+            res = await s.scalars(
                 update(Entitlement)
                 .where(
                     Entitlement.payment_intent_id == payment_intent_id,
                     Entitlement.status == "active",
                 )
                 .values(status="revoked", revoked_at=self.clock.now())
+                .returning(Entitlement.account_id)
                 .execution_options(synchronize_session=False)
             )
-            return int(res.rowcount)  # type: ignore[attr-defined]
+            return [str(a) for a in res.all()]
+
+    async def has_purchase(self, payment_intent_id: str) -> bool:
+        """Whether a one-time purchase was paid with this PaymentIntent."""
+        async with self.ledger.reader() as s:
+            found = await s.scalar(
+                select(Entitlement.id)
+                .where(Entitlement.payment_intent_id == payment_intent_id)
+                .limit(1)
+            )
+            return found is not None
 
     async def entitlements(self, account_id: str) -> list[Entitlement]:
         async with self.ledger.reader() as s:

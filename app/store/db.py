@@ -6,6 +6,7 @@ so that writers queue on the database lock instead of failing half-way with ``da
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,60 @@ from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: PostgreSQL advisory lock key held while migrating (an arbitrary constant of ours)
 MIGRATION_LOCK = 0x5E11_0001
+
+
+_NET_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` (or an error it was raised from) says the database cannot be reached
+    right now: a refused or reset connection, a server shutting down, starting up or out of
+    connection slots, a connection that died mid-query. False for everything else (a bad
+    statement, a constraint, a bug): those are not outages and must not be retried as one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if _connection_error(e):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return False
+
+
+def _connection_error(e: BaseException) -> bool:
+    if isinstance(e, ConnectionError):  # refused, reset, aborted, broken pipe
+        return True
+    if isinstance(e, OSError) and (
+        e.errno in _NET_ERRNOS or "Connect call failed" in str(e)  # asyncio, several addresses
+    ):
+        return True
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(e, DBAPIError) and e.connection_invalidated:
+        return True
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        return False
+    if isinstance(
+        e,
+        asyncpg.PostgresConnectionError  # class 08, and a connection lost mid-query
+        | asyncpg.CannotConnectNowError  # 57P03: starting up / shutting down
+        | asyncpg.AdminShutdownError  # 57P01: terminated by a (fast) shutdown
+        | asyncpg.CrashShutdownError  # 57P02
+        | asyncpg.TooManyConnectionsError,  # 53300
+    ):
+        return True
+    # asyncpg's own: "connection is closed", "connection was closed in the middle of operation"
+    if isinstance(e, asyncpg.InterfaceError) and "closed" in str(e):
+        return True
+    # a connection still consuming the error (protocol state 2) the server sent as it went down
+    return isinstance(e, asyncpg.InternalClientError) and "another operation (2)" in str(e)
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:

@@ -11,7 +11,7 @@ dialects), never read-then-write.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -283,6 +283,40 @@ def accept_delivery(
         (f"webhook.{source}", f"wh:{delivery_id}", Json({"delivery_id": delivery_id}), now),
     )
     return True
+
+
+def accept_deliveries(
+    source: str, deliveries: Sequence[tuple[str, str, bytes]], now: datetime
+) -> Program[set[str]]:
+    """:func:`accept_delivery` for a batch of ``(delivery_id, event, body)`` with distinct ids,
+    in two multi-row statements: the same rows, deduped by the primary key in the INSERT itself.
+    Returns the ids stored now (the others were seen before)."""
+    if not deliveries:
+        return set()
+    # only placeholders are joined into the SQL; every value is a bound parameter
+    rows_sql = ", ".join(["(?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"] * len(deliveries))
+    res = yield Stmt(
+        "INSERT INTO webhook_deliveries (delivery_id, source, event, body, status, attempts,"  # noqa: S608
+        f" last_error, received_at, processed_at) VALUES {rows_sql}"
+        " ON CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id",
+        [v for d, e, b in deliveries for v in (d, source, e, b, now)],
+        rows=True,
+    )
+    fresh = {str(r[0]) for r in res.rows}
+    if fresh:
+        subject = f"webhook.{source}"
+        outbox_sql = ", ".join(["(?, ?, ?, ?, NULL)"] * len(fresh))
+        yield Stmt(
+            "INSERT INTO outbox (subject, msg_id, payload, created_at, sent_at)"  # noqa: S608
+            f" VALUES {outbox_sql}",
+            [
+                v
+                for d, _e, _b in deliveries
+                if d in fresh
+                for v in (subject, f"wh:{d}", Json({"delivery_id": d}), now)
+            ],
+        )
+    return fresh
 
 
 def set_audit_head(log: str, seq: int, digest: str, now: datetime) -> Program[None]:
@@ -575,6 +609,38 @@ def fail_unfinished(
         now,
     )
     return cast
+
+
+def cancel_queued(
+    cast_ids: Sequence[str], *, error_code: str, error_message: str, billing: bool, now: datetime
+) -> Program[list[dict[str, Any]]]:
+    """Fail the casts of ``cast_ids`` that are still queued (never started) — e.g. an account
+    whose payment failed — in one transaction, releasing each reservation exactly once.
+    A cast that started meanwhile is left to finish. Returns the casts cancelled."""
+    done: list[dict[str, Any]] = []
+    for cast_id in cast_ids:
+        res = yield Stmt(
+            "UPDATE casts SET status = 'failed', finished_at = ?, cost_cents = 0, error_code = ?,"
+            " error_message = ?, event_seq = event_seq + 1"
+            " WHERE id = ? AND status = 'queued' RETURNING event_seq",
+            (now, error_code, error_message, cast_id),
+            rows=True,
+        )
+        row = res.first()
+        if row is None:
+            continue
+        cast = yield from get_cast(cast_id)
+        assert cast is not None
+        yield from _close_reservation(cast, succeeded=False, cost=0, billing=billing, now=now)
+        yield _event(
+            cast_id,
+            int(row[0]),
+            "failed",
+            {"status": "failed", "error": {"code": error_code, "message": error_message}},
+            now,
+        )
+        done.append(cast)
+    return done
 
 
 # ---------------------------------------------------------------------------- outbox

@@ -32,6 +32,14 @@ class Inbox:
             lambda: hot.accept_delivery(source, delivery_id, event, body, now)
         )
 
+    async def accept_many(
+        self, source: str, deliveries: Sequence[tuple[str, str, bytes]]
+    ) -> set[str]:
+        """Store a batch of verified ``(delivery_id, event, body)`` (distinct ids) in ONE
+        transaction, the same rows :meth:`accept` writes; returns the ids that were new."""
+        now = self.clock.now()
+        return await self.ledger.fast.run(lambda: hot.accept_deliveries(source, deliveries, now))
+
     async def get(self, delivery_id: str) -> WebhookDelivery | None:
         async with self.ledger.reader() as s:
             return await s.get(WebhookDelivery, delivery_id)

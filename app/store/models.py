@@ -490,3 +490,14 @@ class BillingUsage(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending | sent | ledger
     created_at: Mapped[datetime] = mapped_column(TZ)
     sent_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+
+class OidcLink(Base):
+    """Which repositories may sign in with a GitHub Actions OIDC token, and as what
+    (``spell oidc allow``): ``pattern`` is a lower-case ``owner/repo`` or ``owner/*``."""
+
+    __tablename__ = "oidc_links"
+    pattern: Mapped[str] = mapped_column(String(200), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16), default="caster")
+    created_at: Mapped[datetime] = mapped_column(TZ)

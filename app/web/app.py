@@ -15,13 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
+from app.artifacts import open_object_store, route_artifacts
 from app.artifacts.github import GitHubArtifactStore
 from app.artifacts.local import LocalArtifactStore
-from app.artifacts.routing import RoutingArtifactStore
 from app.billing.routes import BILLING, billing_routes
 from app.billing.service import BillingConfig, BillingService, RevenueCounter, reconcile_forever
 from app.billing.stripe_client import StripeClient
-from app.bus.jetstream import BusUnavailable, JetStreamBus, JetStreamConfig
+from app.bus.jetstream import BusUnavailable, JetStreamBus, JetStreamConfig, SharedEventHub
 from app.bus.memory import MemoryQueue
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
@@ -46,6 +46,7 @@ from app.store.db import make_engine, upgrade
 from app.store.github_store import GitHubStore
 from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger
+from app.web.ingest import FRONT, IngestFront, start_front
 from app.web.keys import (
     BUS,
     CLOSING,
@@ -56,6 +57,7 @@ from app.web.keys import (
     LEDGER,
     LIMITER,
     METRICS,
+    OBJECT_STORE,
     PLATFORM,
     QUEUE,
     RELAY,
@@ -63,8 +65,10 @@ from app.web.keys import (
     SETTINGS,
 )
 from app.web.middlewares import authenticate_and_limit, envelope
+from app.web.oidc_routes import setup_oidc
 from app.web.routes import routes
 from app.worker.consumer import JobConsumer, JobHandler, LeaseReaper, OutboxRelay, RunConsumer
+from app.worker.retention import RETENTION, build_sweeper
 from app.worker.runs import RunExecutor, RunnerConfig, sandbox_work_dir
 
 log = logging.getLogger("spell.app")
@@ -72,6 +76,7 @@ log = logging.getLogger("spell.app")
 AUDIT_LOG = "main"
 
 ROLE = web.AppKey("role", str)  # "serve" (the API) | "worker" (`spell worker`: runs only)
+#: the S3-compatible artifact store, when SPELL_ARTIFACTS_URL is set (readiness checks it)
 
 
 @dataclass
@@ -120,12 +125,15 @@ def create_app(
     if role == "serve":
         app.add_routes(routes)
         app.add_routes(billing_routes)
+        setup_oidc(app)  # POST /v1/oidc/token (app/web/oidc_routes.py)
+    app.cleanup_ctx.append(_object_store_ctx(ov))  # first: a bad bucket stops start-up early
     app.cleanup_ctx.append(
         _platform_ctx(
             ov,
             runs=role == "worker" or settings.embedded_runs,
             concurrency=concurrency or settings.workers,
             drain_timeout=drain_timeout if role == "worker" else None,
+            run_jobs=role == "worker" or settings.serve_jobs,
         )
     )
     return app
@@ -151,9 +159,37 @@ async def _connect_bus(settings: Settings) -> JetStreamBus:
         raise AppError("UNAVAILABLE", str(e)) from e
 
 
+def _object_store_ctx(ov: Overrides) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Opens the S3-compatible artifact store (SPELL_ARTIFACTS_URL) and checks it can be
+    written: unreachable, missing bucket or refused credentials → AppError UNAVAILABLE."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        store = None
+        if ov.artifacts is None:
+            store = await open_object_store(settings, ov.clock or SystemClock())
+        if store is not None:
+            app[OBJECT_STORE] = store
+        try:
+            yield
+        finally:
+            if store is not None:
+                await store.aclose()
+
+    return ctx
+
+
 def _platform_ctx(
-    ov: Overrides, *, runs: bool, concurrency: int, drain_timeout: float | None
+    ov: Overrides,
+    *,
+    runs: bool,
+    concurrency: int,
+    drain_timeout: float | None,
+    run_jobs: bool = True,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
+    # ``run_jobs``: consume the jobs queue here (Stripe settlement, webhook handling, billing
+    # schedules); a `spell serve` with NATS and Stripe leaves them to `spell worker`
+    # (SPELL_BILLING_IN_SERVE), so its CPU serves requests.
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         settings.ensure_data_dir()
@@ -174,9 +210,15 @@ def _platform_ctx(
         )
         await ledger.fast.warm()  # writer thread / connection pool ready before traffic
         head = _HeadWriter(ledger)
-        audit = AuditLog(settings.data_dir / "audit" / "audit.jsonl", on_head=head)
+        audit = AuditLog(settings.data_dir / "audit" / "audit.jsonl", on_head=head, now=clock.now)
         await audit.start()
-        queue: Queue = ov.queue or (bus.runs if bus is not None else MemoryQueue())
+        # the duplicate window inside a lease, as on JetStream (_connect_bus): a run the lease
+        # reaper queues again (same msg id) must not be dropped as a duplicate
+        queue: Queue = ov.queue or (
+            bus.runs
+            if bus is not None
+            else MemoryQueue(duplicate_window=settings.run_lease_sec / 2)
+        )
         jobs: Queue = ov.jobs or (
             bus.jobs if bus is not None else MemoryQueue(ack_wait=60.0, max_deliver=6)
         )
@@ -187,11 +229,13 @@ def _platform_ctx(
         github = _github(settings, ov)
         store = GitHubStore(ledger, clock)
         local_artifacts = ov.artifacts or LocalArtifactStore(settings.data_dir / "artifacts")
-        artifacts: ArtifactStore = local_artifacts
-        if github is not None:
-            artifacts = RoutingArtifactStore(
-                local_artifacts, {"github:": GitHubArtifactStore(github)}
-            )
+        object_store = app.get(OBJECT_STORE)
+        artifacts: ArtifactStore = route_artifacts(  # new ones to the bucket when there is one
+            object_store or local_artifacts,
+            local=local_artifacts,  # written before the bucket was configured: still served
+            s3=object_store,
+            github=GitHubArtifactStore(github) if github is not None else None,
+        )
         state = app[SANDBOX_STATE]
         sandbox: Sandbox | None = None
         if runs or bus is None:
@@ -220,12 +264,15 @@ def _platform_ctx(
             audit=audit,
             artifacts=artifacts,
             clock=clock,
-            hub=EventHub(),
+            # with NATS, cast events also wake the SSE streams of the other processes
+            hub=SharedEventHub(bus) if bus is not None else EventHub(),
             metrics=app[METRICS],
             sandbox_ready=lambda: None if state["ready"] else str(state["reason"]),
             kick_outbox=relay.kick,
             repo_access=store.installation_for if github is not None else None,
         )
+        if isinstance(platform.hub, SharedEventHub) and bus is not None:
+            await bus.share_events(platform.hub)
         app[LEDGER] = ledger
         app[PLATFORM] = platform
         app[QUEUE] = queue
@@ -250,6 +297,7 @@ def _platform_ctx(
                     revenue=metrics.revenue_cents.inc, refund=metrics.refunds_count.inc
                 ),
                 kick_outbox=relay.kick,
+                on_cast_ended=platform.hub.notify,
             )
             platform.payment_gate = billing.check_can_pay
             app[BILLING] = billing
@@ -272,7 +320,9 @@ def _platform_ctx(
         executor: RunExecutor | None = None
         consumer: RunConsumer | None = None
         consumer_task: asyncio.Task[None] | None = None
-        if ov.run_worker and (gh_service is not None or billing is not None):
+        if not run_jobs and ov.run_worker and (gh_service is not None or billing is not None):
+            log.info("background jobs (billing, webhooks) run in `spell worker` processes")
+        if run_jobs and ov.run_worker and (gh_service is not None or billing is not None):
             handlers: dict[str, JobHandler] = {}
             if gh_service is not None:
                 handlers.update(
@@ -335,6 +385,7 @@ def _platform_ctx(
                         artifact_ttl=settings.artifact_ttl,
                         sandbox_uid=settings.sandbox_uid,
                         lease_sec=settings.run_lease_sec,
+                        proxy_max_bytes=settings.proxy_max_bytes,
                     ),
                 )
                 consumer = RunConsumer(
@@ -347,10 +398,37 @@ def _platform_ctx(
                 app[CONSUMER] = consumer
                 consumer_task = asyncio.create_task(consumer.run(), name="run-consumer")
                 tasks.append(consumer_task)
-            tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))
+            # retention (SPEC §8): inputs, artifacts, idempotency keys, audit segments
+            sweeper = build_sweeper(
+                settings,
+                ledger=ledger,
+                clock=clock,
+                artifacts=artifacts,
+                export_to=object_store or local_artifacts,
+                audit=audit,
+                staged_dirs=[executor.runs_dir] if executor is not None else [],
+            )
+            app[RETENTION] = sweeper
+            if settings.retention_interval > 0:
+                tasks.append(
+                    asyncio.create_task(
+                        sweeper.run_forever(settings.retention_interval), name="retention"
+                    )
+                )
+            else:
+                tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))
+        front: IngestFront | None = None
         try:
+            if settings.webhook_port is not None and app[ROLE] == "serve":
+                # the dedicated webhook ingest front (app/web/ingest.py) on its own port
+                front = await start_front(
+                    settings, inbox, on_fresh=relay.kick, github_ready=gh_service is not None
+                )
+                app[FRONT] = front
             yield
         finally:
+            if front is not None:  # first: its last batches commit while the ledger is open
+                await front.aclose()
             if consumer is not None and consumer_task is not None and drain_timeout is not None:
                 # graceful drain: fetch no more, finish the running casts (commit, then ack)
                 if not await consumer.drain(consumer_task, drain_timeout):
@@ -439,7 +517,13 @@ class _HeadWriter:
         while self.pending is not None:
             seq, digest = self.pending
             self.pending = None
-            await self.ledger.set_audit_head(AUDIT_LOG, seq, digest)
+            try:
+                await self.ledger.set_audit_head(AUDIT_LOG, seq, digest)
+            except Exception as e:  # e.g. the database is briefly down: the next append retries
+                if self.pending is None:
+                    self.pending = (seq, digest)
+                log.warning("recording the audit head failed: %s: %s", type(e).__name__, e)
+                return
 
     async def close(self) -> None:
         if self.task is not None:

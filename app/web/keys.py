@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from app.artifacts.s3 import S3ArtifactStore
 from app.bus.jetstream import JetStreamBus
 from app.config import Settings
 from app.domain.ratelimit import RateLimiter
@@ -30,6 +31,7 @@ GITHUB = web.AppKey("github", GitHubService)
 CONSUMER = web.AppKey("consumer", RunConsumer)
 SANDBOX_STATE = web.AppKey("sandbox_state", dict)
 BUS = web.AppKey("bus", JetStreamBus)  # set when NATS_URL is
+OBJECT_STORE = web.AppKey("object_store", S3ArtifactStore)  # set when SPELL_ARTIFACTS_URL is
 CLOSING = web.AppKey("closing", asyncio.Event)  # set on shutdown: long-lived streams end
 
 # Per-request state

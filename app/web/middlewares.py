@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 from app.errors import AppError
 from app.observability.tracing import new_traceparent, parse_traceparent
 from app.services.tokens import Caller
+from app.store.db import database_unavailable
 from app.web.keys import (
     AUTH_ERROR,
     CALLER,
@@ -24,6 +25,9 @@ from app.web.keys import (
 )
 
 log = logging.getLogger("spell.web")
+
+#: seconds a client is told to wait (``Retry-After``) while the database cannot be reached
+DB_RETRY_AFTER = 2
 
 _HTTP_CODES = {
     400: "VALIDATION_ERROR",
@@ -38,7 +42,7 @@ _HTTP_CODES = {
 
 def error_response(err: AppError) -> web.Response:
     headers = {}
-    if err.retry_after is not None and err.code == "RATE_LIMITED":
+    if err.retry_after is not None and err.status in (429, 503):
         headers["Retry-After"] = str(err.retry_after)
     return web.json_response(err.to_body(), status=err.status, headers=headers)
 
@@ -65,11 +69,24 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         elif e.status == 413:
             message = "the request body is too large"
         resp = error_response(AppError(code, message, status=e.status))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        resp = error_response(
-            AppError("INTERNAL", "internal error; retry, and contact support if it persists")
-        )
+    except Exception as e:
+        if database_unavailable(e):  # an outage, not a bug: 503, the caller retries
+            log.warning(
+                "database unavailable on %s %s: %s", request.method, request.path, type(e).__name__
+            )
+            resp = error_response(
+                AppError(
+                    "UNAVAILABLE",
+                    "the database is unavailable right now; retry shortly (a cast retried with "
+                    "the same Idempotency-Key is accepted at most once)",
+                    retry_after=DB_RETRY_AFTER,
+                )
+            )
+        else:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            resp = error_response(
+                AppError("INTERNAL", "internal error; retry, and contact support if it persists")
+            )
     if resp.status >= 400 and isinstance(resp, web.Response) and resp.body is not None:
         _count_error(request, resp)
     rl = request.get(RATELIMIT_HEADERS)

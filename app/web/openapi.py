@@ -1469,6 +1469,85 @@ def _billing_paths() -> dict[str, Schema]:
 # ---------------------------------------------------------------------------------- document
 
 
+def _oidc_schemas() -> dict[str, Schema]:
+    return {
+        "OidcTokenRequest": {
+            **_object(
+                {
+                    "token": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "The GitHub Actions OIDC token (an RS256 JWT), requested "
+                        "with the platform's audience (`SPELL_OIDC_AUDIENCE`).",
+                    },
+                    "ttl": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 3600,
+                        "description": "Ask for a shorter-lived token (seconds).",
+                    },
+                },
+                optional=("ttl",),
+            ),
+            "description": "A GitHub Actions OIDC token to trade for a platform token.",
+        },
+        "OidcToken": _object(
+            {
+                "token": {"type": "string", "description": "A platform bearer token (HS256 JWT)."},
+                "token_type": {"const": "Bearer"},
+                "expires_in": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 3600,
+                    "description": "Seconds: the OIDC token's remaining life, at most 1 hour "
+                    "(and at most `ttl`).",
+                },
+                "expires_at": {"type": "string", "format": "date-time"},
+                "account": {"type": "string", "description": "The linked account."},
+                "role": {"type": "string", "enum": ["caster", "maker", "auditor"]},
+                "repository": {
+                    "type": "string",
+                    "description": "The token's `repository` claim (lower-case OWNER/REPO).",
+                },
+            }
+        ),
+    }
+
+
+def _oidc_paths() -> dict[str, Schema]:
+    unavailable = _error_response(
+        503,
+        "UNAVAILABLE: the OIDC issuer's signing keys (JWKS) cannot be fetched.",
+        "UNAVAILABLE",
+        "cannot fetch the OIDC issuer's signing keys: "
+        "https://token.actions.githubusercontent.com/.well-known/jwks answered HTTP 502",
+    )
+    return {
+        "/v1/oidc/token": {
+            "post": _op(
+                "exchangeOidcToken",
+                "auth",
+                "Sign in with a GitHub Actions OIDC token",
+                "Trade a GitHub Actions OIDC token for a short-lived platform bearer token (as "
+                "PyPI's trusted publishing does). The token's signature is checked against the "
+                "issuer's JWKS (RS256 only), then `iss` (`SPELL_OIDC_ISSUER`), `aud` "
+                "(`SPELL_OIDC_AUDIENCE`), `exp`/`nbf`/`iat` (30 s leeway); its `repository` "
+                "must be linked by an operator (`spell oidc allow OWNER/REPO|OWNER/* --account "
+                "A --role caster`), which names the account and role of the issued token. "
+                "Forged, expired, wrongly addressed or unlinked tokens answer 401. No bearer "
+                "token: the OIDC token is the credential.",
+                {
+                    "200": _ok("The platform token.", _schema("OidcToken")),
+                    **_errors("Unauthorized", *JSON_BODY_ERRORS),
+                    "503": unavailable,
+                },
+                body=_json_body("OidcTokenRequest", "The OIDC token."),
+                public=True,
+            )
+        },
+    }
+
+
 @lru_cache(maxsize=1)
 def _document() -> dict[str, Any]:
     return {
@@ -1496,8 +1575,9 @@ def _document() -> dict[str, Any]:
             {"name": "billing", "description": "Budget caps (SPEC §7)."},
             {"name": "artifacts", "description": "Signed, expiring artifact downloads."},
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
+            {"name": "auth", "description": "Sign-in with a GitHub Actions OIDC token."},
         ],
-        "paths": {**_paths(), **_billing_paths()},
+        "paths": {**_paths(), **_billing_paths(), **_oidc_paths()},
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
@@ -1508,7 +1588,7 @@ def _document() -> dict[str, Any]:
                     "auditor) decides its scopes.",
                 }
             },
-            "schemas": {**_schemas(), **_billing_schemas()},
+            "schemas": {**_schemas(), **_billing_schemas(), **_oidc_schemas()},
             "parameters": _parameters(),
             "headers": _headers(),
             "responses": _responses(),

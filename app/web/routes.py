@@ -23,6 +23,7 @@ from app.web.keys import (
     INBOX,
     LEDGER,
     METRICS,
+    OBJECT_STORE,
     PLATFORM,
     RATELIMIT_HEADERS,
     RELAY,
@@ -167,6 +168,11 @@ async def readyz(request: web.Request) -> web.Response:
         else:
             ok = False
             checks["nats"] = "disconnected"
+    object_store = request.app.get(OBJECT_STORE)
+    if object_store is not None:  # SPELL_ARTIFACTS_URL is set: artifacts live in a bucket
+        problem = await object_store.ready()
+        checks["artifacts"] = "ok" if problem is None else f"unavailable: {problem}"
+        ok = ok and problem is None
     return web.json_response(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
     )

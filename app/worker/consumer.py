@@ -7,7 +7,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from app.bus.jetstream import BusUnavailable
 from app.services.ports import Message, Queue
+from app.store.db import database_unavailable as _db_unavailable
 from app.store.ledger import SqlLedger
 from app.worker.runs import RunExecutor
 
@@ -34,6 +36,8 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         #: subject prefix → queue (e.g. "webhook." → the jobs queue); the rest go to ``queue``
         self.routes = routes or {}
+        #: while publishing keeps failing, say so again at most this often (seconds)
+        self.report_every = 30.0
         self._kick = asyncio.Event()
 
     def kick(self) -> None:
@@ -48,28 +52,54 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         rows = await self.ledger.unsent_outbox()
         sent: list[int] = []
-        for row in rows:
-            headers = {}
-            tp = row.payload.get("traceparent")
-            if tp:
-                headers["traceparent"] = str(tp)
-            await self.queue_for(row.subject).publish(
-                row.subject, row.payload, msg_id=row.msg_id, headers=headers
-            )
-            sent.append(row.id)
+        try:
+            for row in rows:
+                headers = {}
+                tp = row.payload.get("traceparent")
+                if tp:
+                    headers["traceparent"] = str(tp)
+                await self.queue_for(row.subject).publish(
+                    row.subject, row.payload, msg_id=row.msg_id, headers=headers
+                )
+                sent.append(row.id)
+        except BaseException:
+            # the rows published before the failure are not sent again (best effort: if this
+            # fails too, they go out once more and the queue drops them as duplicates)
+            if sent:
+                with contextlib.suppress(Exception):
+                    await self.ledger.mark_sent(sent)
+            raise
         await self.ledger.mark_sent(sent)
         return len(sent)
 
     async def run(self) -> None:
+        failures = 0
+        last_report = 0.0
         while True:
             try:
                 n = await self.relay_once()
+                if failures:
+                    log.info("outbox relay recovered after %d failed attempts", failures)
+                    failures = 0
                 if n:
                     continue
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("outbox relay failed; retrying")
+            except Exception as e:
+                failures += 1
+                now = asyncio.get_running_loop().time()
+                if failures == 1 or now - last_report >= self.report_every:
+                    last_report = now
+                    if isinstance(e, BusUnavailable) or _db_unavailable(e):
+                        # an outage, not a bug: the rows stay in the outbox until it is over
+                        log.warning(
+                            "outbox relay: %s; the messages stay in the outbox, retrying "
+                            "(failed %d times so far)",
+                            e,
+                            failures,
+                        )
+                    else:
+                        log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(self.poll_interval)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll_interval)
@@ -98,6 +128,10 @@ async def consume(
                 msgs = await queue.fetch(1, timeout=1.0)
             except asyncio.CancelledError:
                 raise
+            except BusUnavailable as e:
+                log.warning("%s; retrying", e)
+                await asyncio.sleep(1.0)
+                continue
             except Exception:
                 log.exception("fetching from the queue failed; retrying")
                 await asyncio.sleep(1.0)
@@ -170,7 +204,7 @@ class RunConsumer:
                 await self.executor.execute(cast_id)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as e:
                 beat.cancel()
                 if msg.num_delivered >= self.max_deliver:
                     log.exception(
@@ -178,7 +212,17 @@ class RunConsumer:
                     )
                     await self._give_up(msg, cast_id)
                     return
-                log.exception("run request for cast %s failed; it will be delivered again", cast_id)
+                if _db_unavailable(e):
+                    log.warning(
+                        "run request for cast %s: the database is unavailable (%s); it will be "
+                        "delivered again",
+                        cast_id,
+                        e,
+                    )
+                else:
+                    log.exception(
+                        "run request for cast %s failed; it will be delivered again", cast_id
+                    )
                 await msg.nak(delay=2.0)
                 return
             finally:
@@ -284,8 +328,11 @@ class LeaseReaper:
                 await self.reap_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("lease reaper failed; retrying")
+            except Exception as e:
+                if _db_unavailable(e):
+                    log.warning("lease reaper: the database is unavailable (%s); retrying", e)
+                else:
+                    log.exception("lease reaper failed; retrying")
             await asyncio.sleep(self.every)
 
 

@@ -6,9 +6,13 @@ artifacts, audit log; ``SPELL_DATA_DIR``) with the ``spell serve`` processes. St
 1. refuse without ``NATS_URL`` — the in-process queue cannot cross processes;
 2. probe the sandbox and refuse (exit 1) when bubblewrap cannot run here: fail closed;
 3. connect to NATS (create or update the streams), migrate the database, start ``concurrency``
-   run loops, the outbox relay, the lease reaper and the job consumers that are configured;
-4. serve ``/healthz`` (alive) and ``/readyz`` (database, sandbox, NATS, not draining) on the
-   health port.
+   run loops, the outbox relay, the lease reaper, the retention sweeper (every
+   ``SPELL_RETENTION_INTERVAL``) and the job consumers that are configured
+   (with STRIPE_API_KEY: Stripe settlement ``billing.*``, ``webhook.stripe``, the billing-period
+   sweep and the reconcile schedule — a `spell serve` with NATS leaves them to the workers,
+   ``SPELL_BILLING_IN_SERVE``);
+4. serve ``/healthz`` (alive) and ``/readyz`` (database, sandbox, NATS, object store, not
+   draining) on the health port.
 
 SIGTERM (or Ctrl-C) drains: no more fetches, the running casts finish, commit and ack, then the
 process exits 0. Runs still going after ``--drain-timeout`` are cancelled; their casts come back
@@ -28,7 +32,7 @@ from app.config import Settings
 from app.errors import AppError
 from app.runner.sandbox import BwrapSandbox, SandboxUnavailable, detect_sandbox
 from app.web.app import Overrides, create_app
-from app.web.keys import BUS, CONSUMER, LEDGER, SANDBOX_STATE
+from app.web.keys import BUS, CONSUMER, LEDGER, OBJECT_STORE, SANDBOX_STATE
 
 health_routes = web.RouteTableDef()
 
@@ -62,6 +66,11 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         ok = False
         checks["nats"] = "disconnected"
+    object_store = app.get(OBJECT_STORE)
+    if object_store is not None:  # SPELL_ARTIFACTS_URL: artifacts go to the bucket
+        problem = await object_store.ready()
+        checks["artifacts"] = "ok" if problem is None else f"unavailable: {problem}"
+        ok = ok and problem is None
     consumer = app.get(CONSUMER)
     if consumer is None or consumer.stopping.is_set():
         ok = False

@@ -26,6 +26,7 @@ from app.domain.pricing import Usage, actual_cents
 from app.domain.spells import SpellDocument
 from app.runner.bundle import extract_bundle, zip_output
 from app.runner.fstree import remove_tree
+from app.runner.netproxy import DEFAULT_MAX_BYTES, NetworkAccess
 from app.runner.sandbox import SANDBOX_PYTHON, Sandbox, SandboxResult, SandboxSpec
 from app.services.platform import Platform
 from app.store.ledger import new_id
@@ -44,6 +45,8 @@ class RunnerConfig:
     artifact_ttl: int
     sandbox_uid: int
     lease_sec: float = 30.0
+    #: byte budget of a run's network allow-list proxy (SPELL_PROXY_MAX_BYTES)
+    proxy_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def _traversable(path: Path, uid: int) -> bool:
@@ -200,6 +203,11 @@ class RunExecutor:
             timeout_sec=float(ex.timeout_sec),
             memory_mb=ex.memory_mb,
             max_output_bytes=self.config.max_output_bytes,
+            network=NetworkAccess(
+                allow=tuple(ex.network.allow), max_bytes=self.config.proxy_max_bytes
+            )
+            if ex.network is not None and ex.network.allow
+            else None,
             env={
                 "SPELL_CAST_ID": cast.id,
                 "SPELL_ID": cast.spell_id,

@@ -315,6 +315,7 @@ def test_every_request_body_is_a_component_or_binary(doc: dict[str, Any]) -> Non
         ("POST", "/v1/billing/caps"),
         ("POST", "/v1/billing/subscribe"),
         ("POST", "/v1/billing/usage"),
+        ("POST", "/v1/oidc/token"),
         ("POST", "/webhooks/github"),
         ("POST", "/webhooks/stripe"),
     }

@@ -6,6 +6,7 @@ reconciliation."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -635,3 +636,257 @@ async def test_an_unfinished_refund_is_resumed_with_its_own_key(
     assert {r.idempotency_key for r in fake.requests_for("PostRefunds")} == {
         f"cast:{cast_id}:refund:1"
     }
+
+
+# ----------------------------------------------------------------------------- failed payments
+# SPEC §23.2: a failed payment cancels the account's runs that have not started and revokes
+# what the payment bought; running casts finish; new paid casts get 402 until it is fixed.
+
+
+def audit_records(h: Harness, event: str) -> list[dict[str, Any]]:
+    path = h.settings.data_dir / "audit" / "audit.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == event]
+
+
+async def cast_status(h: Harness, who: Caster, cast_id: str) -> dict[str, Any]:
+    r = await h.client.get(f"/v1/casts/{cast_id}", headers={"Authorization": f"Bearer {who.token}"})
+    assert r.status == 200, await r.text()
+    return dict(await r.json())
+
+
+async def queue_behind_busy_runs(
+    h: Harness, who: Caster, n: int, spell_id: str = PAID
+) -> tuple[list[str], list[str]]:
+    """Hold the sandbox, cast ``n`` paid casts: SPELL_WORKERS (2) of them start and wait in the
+    sandbox, the rest stay queued. Returns (running ids, queued ids)."""
+    h.sandbox.gate.clear()
+    before = len(h.sandbox.runs)
+    ids = []
+    for _ in range(n):
+        r = await h.cast(who.token, spell_id)
+        assert r.status == 202, await r.text()
+        ids.append(str((await r.json())["cast_id"]))
+
+    async def two_started() -> bool:
+        return len(h.sandbox.runs) - before == h.settings.workers
+
+    await until(two_started)
+    statuses = {c: (await cast_status(h, who, c))["status"] for c in ids}
+    running = [c for c in ids if statuses[c] == "running"]
+    queued = [c for c in ids if statuses[c] == "queued"]
+    assert (len(running), len(queued)) == (h.settings.workers, n - h.settings.workers)
+    return running, queued
+
+
+async def reserved_cents(h: Harness, account: str) -> tuple[int, int]:
+    view = await billing_of(h).ledger.budget(account)
+    assert view is not None
+    return view.monthly.reserved_cents, view.monthly.used_cents
+
+
+async def assert_cancelled(h: Harness, who: Caster, queued: list[str], code: str) -> None:
+    for cast_id in queued:
+        body = await cast_status(h, who, cast_id)
+        assert body["status"] == "failed"
+        assert body["error"]["code"] == "PAYMENT_FAILED"
+        assert code in body["error"]["message"]
+    failed = [r for r in audit_records(h, "cast.failed") if r.get("cast_id") in queued]
+    assert sorted(r["cast_id"] for r in failed) == sorted(queued)
+    assert all(r["data"]["error"]["code"] == "PAYMENT_FAILED" for r in failed)
+    assert all(r["data"]["released_cents"] == 60 for r in failed)
+
+
+async def test_a_declined_charge_cancels_the_queued_casts_and_running_ones_finish(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    billing.ledger.billing_enabled = False  # its charge job is run by hand below
+    first = await cast_ok(h, bob)
+    billing.ledger.billing_enabled = True
+    running, queued = await queue_behind_busy_runs(h, bob, 5)
+    assert await reserved_cents(h, "bob") == (5 * 60, 60)
+
+    fake.decline_next("card_declined")
+    await billing.on_charge_job(Msg({"cast_id": first}))
+
+    [charge] = await charges(h)
+    assert (charge.status, charge.failure_code) == ("failed", "card_declined")
+    await assert_cancelled(h, bob, queued, "card_declined")
+    for cast_id in running:
+        assert (await cast_status(h, bob, cast_id))["status"] == "running"
+    # exactly the queued casts' reservations were released; the running ones still hold theirs
+    assert await reserved_cents(h, "bob") == (2 * 60, 60)
+    [failed] = audit_records(h, "billing.payment_failed")
+    assert sorted(failed["data"]["cancelled_casts"]) == sorted(queued)
+    assert failed["data"]["code"] == "card_declined"
+
+    r = await h.cast(bob.token, PAID)  # new paid casts are refused until a card is saved
+    assert r.status == 402
+    assert (await r.json())["error"]["code"] == "PAYMENT_REQUIRED"
+
+    # the job delivered again: nothing more is cancelled, charged or recorded
+    await billing.on_charge_job(Msg({"cast_id": first}))
+    assert len(audit_records(h, "billing.payment_failed")) == 1
+
+    h.sandbox.gate.set()  # the running casts finish and are billed; the cancelled never run
+    for cast_id in running:
+        assert (await h.wait_cast(bob.token, cast_id))["status"] == "succeeded"
+    for cast_id in queued:  # their run requests are dropped: a cancelled cast cannot start
+        assert await billing.ledger.claim(cast_id) is None
+    assert len(h.sandbox.runs) == 1 + len(running)
+    assert await reserved_cents(h, "bob") == (0, 3 * 60)
+    for cast_id in queued:
+        assert (await cast_status(h, bob, cast_id))["status"] == "failed"
+
+
+async def test_a_failed_invoice_cancels_queued_casts_and_revokes_what_it_paid_for(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    row = await billing.store.customer("bob")
+    assert row is not None and row.stripe_customer_id is not None
+    ent, _ = await billing.store.grant_entitlement(
+        account_id="bob",
+        spell_id="com.example.tpl",
+        checkout_session_id="cs_test_invoice_paid",
+        payment_intent_id="pi_invoice_1",
+        amount_cents=1000,
+        currency="USD",
+        license_url=None,
+    )
+    _running, queued = await queue_behind_busy_runs(h, bob, 4)
+
+    failed = fake.invoice_event(row.stripe_customer_id, paid=False, payment_intent="pi_invoice_1")
+    for _ in range(2):  # delivered twice: handled once
+        assert (await deliver(h, fake, failed)).status == 200
+    assert await processed(h, failed["id"]) == "done"
+
+    await assert_cancelled(h, bob, queued, "invoice_payment_failed")
+    assert await reserved_cents(h, "bob") == (2 * 60, 0)
+    [revoked] = await billing.store.entitlements("bob")
+    assert (revoked.id, revoked.status) == (ent.id, "revoked")
+    [record] = audit_records(h, "billing.payment_failed")
+    assert record["data"]["revoked_entitlements"] == 1
+    assert sorted(record["data"]["cancelled_casts"]) == sorted(queued)
+    assert (await h.cast(bob.token, PAID)).status == 402
+    h.sandbox.gate.set()
+
+
+async def test_a_purchase_whose_payment_fails_later_is_revoked_and_the_account_past_due(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    row = await billing.store.customer("bob")
+    assert row is not None
+    session = await billing.stripe.create_checkout_session(
+        {
+            "mode": "payment",
+            "customer": row.stripe_customer_id,
+            "success_url": "http://spell.test/done",
+            "line_items": [
+                {
+                    "price_data": {
+                        "currency": "usd",
+                        "unit_amount": 1500,
+                        "product_data": {"name": "Clone of com.example.tpl"},
+                    },
+                    "quantity": 1,
+                }
+            ],
+            "metadata": {"account_id": "bob", "spell_id": "com.example.tpl"},
+        },
+        idempotency_key="purchase:bob:com.example.tpl:2",
+    )
+    completed = fake.complete_checkout(session["id"])
+    await deliver(h, fake, completed)
+    await processed(h, completed["id"])
+    succeeded = fake.events_of("payment_intent.succeeded")[-1]
+    pi = succeeded["data"]["object"]
+    await deliver(h, fake, succeeded)
+    assert await processed(h, succeeded["id"]) == "done"
+    assert await billing.store.event_status(succeeded["id"]) == "applied"
+
+    failure = {
+        **pi,
+        "status": "requires_payment_method",
+        "last_payment_error": {"code": "card_declined", "decline_code": "insufficient_funds"},
+    }
+    # a failure from before the success, delivered late: stale, nothing is revoked
+    stale = fake.event("payment_intent.payment_failed", failure)
+    stale["created"] = succeeded["created"] - 5
+    await deliver(h, fake, stale)
+    await processed(h, stale["id"])
+    assert await billing.store.event_status(stale["id"]) == "stale"
+    [ent] = await billing.store.entitlements("bob")
+    assert ent.status == "active"
+
+    _running, queued = await queue_behind_busy_runs(h, bob, 3)
+    fake.advance(5)
+    later = fake.event("payment_intent.payment_failed", failure)  # e.g. a debit that bounced
+    await deliver(h, fake, later)
+    await processed(h, later["id"])
+    assert await billing.store.event_status(later["id"]) == "applied"
+    [ent] = await billing.store.entitlements("bob")
+    assert ent.status == "revoked"
+    await assert_cancelled(h, bob, queued, "insufficient_funds")
+    after = await billing.store.customer("bob")
+    assert after is not None and after.past_due and after.past_due_reason == "insufficient_funds"
+    assert (await h.cast(bob.token, PAID)).status == 402
+    h.sandbox.gate.set()
+
+
+async def test_free_casts_of_a_past_due_account_are_not_cancelled(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 0, spell_id="com.example.free")
+    bob = await caster(h, fake)
+    running, queued = await queue_behind_busy_runs(h, bob, 4, "com.example.free")
+    assert await billing_of(h).cancel_queued_casts("bob", "card_declined") == []
+    h.sandbox.gate.set()
+    for cast_id in running + queued:
+        assert (await h.wait_cast(bob.token, cast_id))["status"] == "succeeded"
+
+
+async def test_settlement_rows_written_on_the_bare_driver_read_back_through_the_orm(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 20)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    before = await billing.store.customer("bob")
+    assert before is not None
+    ids = [await cast_ok(h, bob) for _ in range(3)]  # 60 cents together: one charge
+    for cast_id in ids:
+        await charge_settled(h, cast_id)
+    [charge] = await charges(h)
+    assert (charge.kind, charge.amount_cents, charge.currency, charge.status) == (
+        "payment_intent",
+        60,
+        "USD",
+        "succeeded",
+    )
+    assert charge.id == f"cast:{ids[2]}:charge" and charge.attempt == 1
+    assert charge.created_at.utcoffset() is not None  # aware UTC, as the ORM stores it
+    lines = await billing.store.lines_of(charge.id)
+    assert sorted(line.cast_id for line in lines) == sorted(ids)
+    cast = await billing.ledger.get_cast(ids[0])
+    assert cast is not None and cast.finished_at is not None
+    assert {line.period for line in lines} == {cast.finished_at.strftime("%Y-%m")}
+    # taking the account's lock does not change its row
+    after = await billing.store.customer("bob")
+    assert after is not None
+    assert (after.updated_at, after.past_due, after.payment_method_status) == (
+        before.updated_at,
+        False,
+        "active",
+    )
+    [record] = audit_records(h, "billing.charged")
+    assert record["data"]["casts"] == sorted(ids)
+    assert record["data"]["stripe_id"] == charge.stripe_id

