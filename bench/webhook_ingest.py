@@ -19,6 +19,12 @@ Servers, one at a time (order rotated each repetition), all on 127.0.0.1:
                 check, deliveries stored in batches (one transaction of two multi-row INSERTs
                 per batch, each answered 202 only after its batch committed). The load goes to
                 the front's port; the API's /healthz on its own port is only the start probe.
+                At the end its counters are read from the API's /metrics (webhook_front_*).
+  ours-front-pglz  (PostgreSQL only) ours-front with the delivery body's TOAST compression set
+                back to pglz (`ALTER TABLE webhook_deliveries ALTER COLUMN body SET COMPRESSION
+                pglz` in the throw-away database after start-up): the cost before migration
+                0007 (lz4), measured in the same run. Every PostgreSQL run records the column's
+                setting and how the stored bodies were really compressed.
   probot        `probot run ./index.js` (bench/probot_app, probot pinned in package.json):
                 @octokit/webhooks signature verification + parsing `/cast` lines, no GitHub
                 call; NODE_ENV=production, LOG_LEVEL=warn (no log line per request; ours writes
@@ -60,8 +66,11 @@ what is left after wrk and other load; CPU per delivery is the server's own.
 Usage:
   python bench/webhook_ingest.py                  # 3 repetitions, SQLite and PostgreSQL
   python bench/webhook_ingest.py --quick          # 1 repetition, 5 s phases, SQLite only
+  python bench/webhook_ingest.py --quick --backends postgresql --servers ours-front,ours-front-pglz
+                                                  # lz4 vs pglz bodies on PostgreSQL, same run
   options: --reps N --duration S --rates 200,100 --backends sqlite,postgresql
-           --servers ours-ingest,ours-front,probot,probot-info,ref-aiohttp,ref-sqlite3
+           --servers ours-ingest,ours-front,ours-front-pglz,probot,probot-info,ref-aiohttp,
+                     ref-sqlite3
            --worker-rate 0 (skip) --no-breakdown
 Results: bench/results/webhook_ingest.json (every run, medians, ratios ours/Probot, targets).
 Needs: wrk (apt-get install wrk); node/npm (bench/probot_app is installed with `npm ci` when
@@ -417,7 +426,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerSpec:
-    name: str  # ours-ingest | ours-front | ours-serve | probot | probot-info | ref-aiohttp | …
+    name: str  # ours-ingest | ours-front[-pglz] | ours-serve | probot | probot-info | ref-… |
     backend: str  # sqlite | postgresql | node | none
     kind: str  # ours | probot | ref (a reference floor, not the product)
 
@@ -444,12 +453,16 @@ class Server:
         return PROBOT_PATH if self.spec.kind == "probot" else OUR_PATH
 
     @property
+    def is_front(self) -> bool:
+        return self.spec.name.startswith("ours-front")
+
+    @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     @property
     def probe_url(self) -> str:
-        if self.spec.name == "ours-front":
+        if self.is_front:
             return f"http://{HOST}:{self.api_port}"
         return self.url
 
@@ -509,7 +522,7 @@ class Server:
             argv = [sys.executable, str(Path(__file__).resolve()), "--serve-ref", mode, *hp]
         elif self.spec.name == "ours-serve":
             argv = [str(SPELL_BIN), "serve", *hp]
-        elif self.spec.name == "ours-front":
+        elif self.is_front:
             # `spell serve`'s app with the webhook ingest front on `port`, the API on api_port
             argv = [
                 sys.executable,
@@ -824,6 +837,12 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
     await srv.start()
     assert srv.proc is not None
     res["startup_s"] = round(time.monotonic() - t_start, 2)
+    if srv.database_url:
+        if srv.spec.name.endswith("-pglz"):  # before migration 0007, for comparison
+            await db_query(
+                srv, "ALTER TABLE webhook_deliveries ALTER COLUMN body SET COMPRESSION pglz"
+            )
+        res["pg_body_column_compression"] = await pg_body_compression(srv)
     res["rss_idle_kb"] = rss_kb(tree(srv.proc.pid))
     url = srv.url + srv.path
     nonce = f"b{secrets.token_hex(5)}"
@@ -946,6 +965,8 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
             and stats["commands"] == stats["deliveries"]
         )
     await asyncio.sleep(0.5)
+    if srv.is_front:
+        res["front_metrics"] = await front_metrics(srv)
     problems = srv.log_problems()
     res["log_problems"] = problems[:10]
     res["n_log_problems"] = len(problems)
@@ -975,6 +996,34 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
     return res
 
 
+async def pg_body_compression(srv: Server) -> str:
+    """``webhook_deliveries.body``'s TOAST compression setting: lz4, pglz or default."""
+    [(att,)] = await db_query(
+        srv,
+        "SELECT attcompression::text FROM pg_attribute "
+        "WHERE attrelid = 'webhook_deliveries'::regclass AND attname = 'body'",
+    )
+    return {"l": "lz4", "p": "pglz"}.get(att, "default")
+
+
+async def front_metrics(srv: Server) -> dict[str, float]:
+    """The front's webhook_front_* series from the API's GET /metrics (Prometheus text)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as s, s.get(srv.probe_url + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for smp in family.samples:
+            if smp.name.startswith("webhook_front_") and not smp.name.endswith("_created"):
+                if "le" in smp.labels:
+                    continue
+                key = smp.name + "".join(f"[{v}]" for v in smp.labels.values())
+                out[key] = smp.value
+    return out
+
+
 def _cpu_fields(cpu: dict[str, float], accepted: int, seconds: float) -> dict[str, Any]:
     server = cpu.get("server", 0.0)
     pg = cpu.get("pg")
@@ -997,11 +1046,19 @@ async def count_stored(srv: Server) -> dict[str, Any]:
     d = (await db_query(srv, "SELECT count(*) FROM webhook_deliveries"))[0][0]
     o = (await db_query(srv, "SELECT count(*) FROM outbox WHERE subject = 'webhook.github'"))[0][0]
     st = await db_query(srv, "SELECT status, count(*) FROM webhook_deliveries GROUP BY status")
-    return {
+    out: dict[str, Any] = {
         "webhook_deliveries": int(d),
         "outbox_webhook_rows": int(o),
         "delivery_status": {str(k): int(v) for k, v in st},
     }
+    if srv.database_url:  # how PostgreSQL really stored the bodies (NULL: not compressed)
+        comp = await db_query(
+            srv,
+            "SELECT coalesce(pg_column_compression(body), 'none'), count(*) "
+            "FROM webhook_deliveries GROUP BY 1",
+        )
+        out["body_compression_of_rows"] = {str(k): int(v) for k, v in comp}
+    return out
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -1517,6 +1574,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             specs.append(ServerSpec(name, "node", "probot"))
         elif name.startswith("ref-"):
             specs.append(ServerSpec(name, "none", "ref"))
+        elif name.endswith("-pglz"):  # a PostgreSQL storage variant
+            specs.extend(ServerSpec(name, b, "ours") for b in backends if b == "postgresql")
         else:
             specs.extend(ServerSpec(name, b, "ours") for b in backends)
 
@@ -1665,6 +1724,8 @@ def _one_line(r: dict[str, Any]) -> str:
             f"dup {ph['wrk_dup']['requests_per_s']}/s {ph['wrk_dup']['cpu_ms_per_delivery']} ms"
         )
     parts.append(f"rss {max(p['rss_max_kb'] for p in ph.values()) // 1024} MB")
+    if "pg_body_column_compression" in r:
+        parts.append(f"body {r['pg_body_column_compression']}")
     parts.append(f"ok {r.get('all_accepted_stored', r.get('all_accepted_reached_handler'))}")
     return " | ".join(parts)
 
@@ -1821,7 +1882,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--conns", type=int, default=32, help="wrk connections")
     p.add_argument("--ol-conns", type=int, default=64, help="open-loop connection pool")
-    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--backends", default=None, help="default sqlite,postgresql (--quick: sqlite)")
     p.add_argument(
         "--servers", default="ours-ingest,ours-front,probot,probot-info,ref-aiohttp,ref-sqlite3"
     )
@@ -1869,8 +1930,9 @@ def main() -> None:
     if args.quick:
         args.reps = 1
         args.duration = 5.0
-        args.backends = "sqlite"
+        args.backends = args.backends or "sqlite"
         args.worker_seconds = 5.0
+    args.backends = args.backends or "sqlite,postgresql"
     result = asyncio.run(run(args))
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)

@@ -84,7 +84,8 @@ TABLES = (
     "billing_refunds, billing_pending, billing_charges, billing_customers, entitlements, "
     "stripe_events, "
     "cast_targets, github_repos, github_installations, github_links, webhook_deliveries, "
-    "audit_pointers, outbox, idempotency_keys, billing_ledger, artifacts, cast_events, casts, "
+    "audit_outbox, audit_pointers, outbox, idempotency_keys, billing_ledger, artifacts, "
+    "cast_events, casts, "
     "spell_versions, spells, bundles, tokens, principals, budgets, accounts"
 )
 

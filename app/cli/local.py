@@ -8,7 +8,6 @@ directory is the operator.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from app.observability.metrics import Metrics
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import SystemClock
+from app.store import filelock as fcntl  # fcntl.flock, or a fail-closed stand-in (Windows)
 from app.store.auditlog import AuditLog, anchor_path, list_segments, verify_file, verify_log
 from app.store.db import make_engine, upgrade
 from app.store.ledger import SqlLedger

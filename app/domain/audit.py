@@ -197,6 +197,9 @@ class PreparedRecord:
     currency: str | None
     traceparent: str | None
     data: Mapping[str, Any]
+    #: the event time (``format_ts``) when it is known in advance — a record from the audit
+    #: outbox carries its transaction's time; None: the time it is appended
+    ts: str | None = None
 
 
 def prepare_record(
@@ -209,6 +212,7 @@ def prepare_record(
     currency: str | None,
     traceparent: str | None,
     data: Mapping[str, Any],
+    at: datetime | None = None,
 ) -> PreparedRecord:
     """Check the fields and redact ``data``; see :func:`build_record` for the rules."""
     if not event:
@@ -231,6 +235,7 @@ def prepare_record(
         currency=currency,
         traceparent=traceparent,
         data=clean_data,
+        ts=format_ts(at) if at is not None else None,
     )
 
 

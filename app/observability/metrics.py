@@ -12,6 +12,12 @@ name                                   type       labels / meaning
                                                   the raw path), ``status``
 ``refunds_count_total``                counter    refunds issued
 ``revenue_cents_total``                counter    settled revenue in minor units (all currencies)
+``webhook_front_deliveries_total``     counter    ``result``: POSTs to the webhook ingest front:
+                                                  ``accepted`` (202, stored), ``duplicate`` (200),
+                                                  ``rejected`` (401/411/413/422/503 before storage),
+                                                  ``error`` (503, storing the batch failed)
+``webhook_front_batches_total``        counter    storage transactions the front committed
+``webhook_front_batch_size_*``         histogram  deliveries per committed storage transaction
 =====================================  =========  ==================================================
 
 Counters and the histogram also expose ``*_created`` timestamps (``prometheus_client`` default).
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_MS", "Metrics"]
+__all__ = ["BATCH_SIZE_BUCKETS", "CONTENT_TYPE", "LATENCY_BUCKETS_MS", "Metrics"]
 
 #: The classic text format, understood by every Prometheus version (our names are all legacy-safe,
 #: so the body is the same as the newer 1.0.0 text format).
@@ -44,6 +50,9 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
     30000,
     60000,
 )
+
+#: deliveries per storage transaction of the webhook ingest front (its batches hold ≤ 256)
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -72,6 +81,25 @@ class Metrics:
         self.refunds_count = Counter("refunds_count", "Refunds issued", registry=self.registry)
         self.revenue_cents = Counter(
             "revenue_cents", "Settled revenue in minor currency units", registry=self.registry
+        )
+        self.webhook_front_deliveries = Counter(
+            "webhook_front_deliveries",
+            "Deliveries POSTed to the webhook ingest front, by result",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("accepted", "duplicate", "rejected", "error"):
+            self.webhook_front_deliveries.labels(result=result)  # exported from 0
+        self.webhook_front_batches = Counter(
+            "webhook_front_batches",
+            "Storage transactions committed by the webhook ingest front",
+            registry=self.registry,
+        )
+        self.webhook_front_batch_size = Histogram(
+            "webhook_front_batch_size",
+            "Deliveries per storage transaction of the webhook ingest front",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
         )
 
     def render(self) -> tuple[bytes, str]:

@@ -37,7 +37,14 @@ log = logging.getLogger("spell.sandbox.fstree")
 #: Folder levels allowed below a run's output folder (``out/a`` is level 1). Deeper output is
 #: ``output_too_large``; zipping and copying refuse it as well.
 MAX_OUTPUT_DEPTH = 64
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Windows has none of the last three (0 there keeps this module importable); it cannot open a
+#: folder with ``os.open`` either, so every walk here fails closed with ``OSError`` on Windows.
+DIR_FLAGS: int = (
+    os.O_RDONLY
+    | getattr(os, "O_DIRECTORY", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
 #: Levels :func:`remove_tree` descends before it moves a folder up to the top (fewer fds).
 _FLATTEN_DEPTH = 64
 

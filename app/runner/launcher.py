@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import types
 
@@ -64,13 +63,15 @@ BRIDGE_BUFFER = 256 * 1024
 BRIDGE_CONNECT_TIMEOUT = 10.0
 #: Tail of a file searched for a zip end-of-central-directory record (zip applications).
 _ZIP_TAIL = 65536 + 22
+#: ``resource`` constants by job name; ``resource`` is imported in :func:`main` (it runs inside
+#: the Linux sandbox only), so the host can import this module on any OS (Windows has none).
 _RLIMITS = {
-    "as": resource.RLIMIT_AS,
-    "cpu": resource.RLIMIT_CPU,
-    "fsize": resource.RLIMIT_FSIZE,
-    "nproc": resource.RLIMIT_NPROC,
-    "nofile": resource.RLIMIT_NOFILE,
-    "core": resource.RLIMIT_CORE,
+    "as": "RLIMIT_AS",
+    "cpu": "RLIMIT_CPU",
+    "fsize": "RLIMIT_FSIZE",
+    "nproc": "RLIMIT_NPROC",
+    "nofile": "RLIMIT_NOFILE",
+    "core": "RLIMIT_CORE",
 }
 
 
@@ -315,6 +316,8 @@ def _bridge(listener: Any, path: str) -> NoReturn:
 
 
 def main() -> None:
+    import resource  # before READY, as a top-level import would be (POSIX only, see _RLIMITS)
+
     cold = bool(globals().get("SPELL_LAUNCHER_COLD"))
     if not cold:
         os.write(1, READY)
@@ -328,7 +331,7 @@ def main() -> None:
     os.dup2(null, 0)
     os.close(null)
     for name, (soft, hard) in job["rlimits"].items():
-        resource.setrlimit(_RLIMITS[name], (soft, hard))
+        resource.setrlimit(getattr(resource, _RLIMITS[name]), (soft, hard))
     os.chdir(job["cwd"])
     env: dict[str, str] = {**job["env"], "PWD": job["cwd"]}  # as bwrap's --chdir sets it
     os.environ.clear()

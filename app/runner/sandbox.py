@@ -177,9 +177,11 @@ _MEMORY_MARKERS = re.compile(
 _FILE_TOO_LARGE_MARKER = "File too large"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED_ENV = frozenset({"HOME", "PATH", "LANG", "SPELL_INPUT", "SPELL_OUT", *PROXY_ENV_NAMES})
-_SIGXCPU_EXIT = 128 + signal.SIGXCPU
-_SIGXFSZ_EXIT = 128 + signal.SIGXFSZ
-_SIGKILL_EXIT = 128 + signal.SIGKILL
+# Exit statuses of a spell killed inside the (Linux-only) sandbox. The fallbacks are Linux's
+# signal numbers, so this module still imports where ``signal`` lacks them (Windows).
+_SIGXCPU_EXIT: int = 128 + getattr(signal, "SIGXCPU", 24)
+_SIGXFSZ_EXIT: int = 128 + getattr(signal, "SIGXFSZ", 25)
+_SIGKILL_EXIT: int = 128 + getattr(signal, "SIGKILL", 9)
 #: The warm sandbox's command line stays short: it reads the launcher's source (12 digits of
 #: length, then the source) from stdin, where the job comes later.
 LAUNCHER_BOOTSTRAP = (

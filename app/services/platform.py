@@ -93,6 +93,10 @@ def pydantic_error(exc: ValidationError, *, prefix: str = "") -> AppError:
     )
 
 
+def _nothing() -> None:
+    return None
+
+
 class Platform:
     def __init__(
         self,
@@ -124,6 +128,9 @@ class Platform:
         #: Stripe billing: raises 402 when the account cannot pay for a paid cast (past due,
         #: no payment method); unset in ledger-only mode
         self.payment_gate: Callable[[str], Awaitable[None]] | None = None
+        #: wakes this process's audit outbox drainer (app/store/audit_outbox.py) after a
+        #: commit that wrote audit records; set at wiring time
+        self.kick_audit: Callable[[], None] = _nothing
         self._parsed: dict[tuple[str, str, str], ParsedSpell] = {}
         self._spells: dict[tuple[str, str | None], tuple[float, tuple[Spell, SpellVersion]]] = {}
         self._versions: dict[tuple[str, str], SpellVersion] = {}
@@ -423,7 +430,7 @@ class Platform:
         ihash = input_hash(req.input)
         now = self.clock.now()
         period = month_period(now)
-        from app.store.hot import CapRefused, NewCast
+        from app.store.hot import AuditRow, CapRefused, NewCast, PastDue
         from app.store.ledger import new_id
 
         cast_id = new_id("c")
@@ -471,16 +478,12 @@ class Platform:
             created_at=now,
             subject=subject,
             target=target,
-        )
-        try:
-            status, resp, replayed = await self.ledger.accept_cast(
-                new, key=idempotency_key, req_hash=rhash, response=(202, accepted)
-            )
-        except CapRefused:
-            raise await self._cap_error(caller.account_id, estimate) from None
-        if not replayed:
-            await self.audit.append(
-                "cast.accepted",
+            # the audit record commits with the cast (the audit outbox): a crash after the
+            # commit cannot lose it, and the answer does not wait for the audit file's fsync
+            audit=AuditRow(
+                event_id=new_id("ev"),
+                event="cast.accepted",
+                at=now,
                 actor=caller.principal_id,
                 cast_id=cast_id,
                 input_hash=ihash,
@@ -494,7 +497,25 @@ class Platform:
                     "reserved_cents": estimate,
                     "account": caller.account_id,
                 },
+            ),
+            for_share=self.ledger.dialect == "postgresql",
+        )
+        try:
+            status, resp, replayed = await self.ledger.accept_cast(
+                new, key=idempotency_key, req_hash=rhash, response=(202, accepted)
             )
+        except CapRefused:
+            raise await self._cap_error(caller.account_id, estimate) from None
+        except PastDue:
+            # the account was marked past due after the gate read it (#4): same answer
+            raise AppError(
+                "PAYMENT_REQUIRED",
+                "the account is past due: a payment was refused; save a payment method with "
+                "`spell billing setup` (or POST /v1/billing/setup), then cast again",
+                detail={"account": caller.account_id, "reason": "past_due"},
+            ) from None
+        if not replayed:
+            self.kick_audit()
             self.metrics.cast_count.labels(status="accepted").inc()
             self.kick_outbox()
         return status, self._absolute(resp, base_url), replayed

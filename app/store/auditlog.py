@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from app.domain.audit import (
     verify_lines,
 )
 from app.domain.retention import parse_segment_name, parse_ts, segment_name
+from app.store import filelock as fcntl  # fcntl.flock, or a fail-closed stand-in (Windows)
 
 __all__ = [
     "AuditLog",
@@ -71,6 +71,7 @@ __all__ = [
     "rotate",
     "segment_bounds",
     "segments_dir",
+    "tail_records",
     "verify_file",
     "verify_log",
 ]
@@ -269,6 +270,23 @@ class AuditLog:
         self._wakeup.set()
         return await future
 
+    async def append_prepared(self, records: list[PreparedRecord]) -> list[dict[str, Any]]:
+        """Append records prepared by the caller (:func:`app.domain.audit.prepare_record`, e.g.
+        with their own event time), queued together: one batch, one fsync when the writer is
+        idle. Returns them as written; raises like :meth:`append`."""
+        if self._writer is None or self._closing:
+            raise RuntimeError("audit log is not open")
+        if self._broken is not None:
+            raise RuntimeError(
+                f"audit log {self.path} stopped after fsync failed ({self._broken}); "
+                "restart the process and run `spell audit verify`"
+            )
+        loop = asyncio.get_running_loop()
+        entries = [_Entry(p, loop.create_future()) for p in records]
+        self._pending.extend(entries)
+        self._wakeup.set()
+        return list(await asyncio.gather(*(e.future for e in entries)))
+
     # -- writer ------------------------------------------------------------------------------
 
     def _open(self) -> int:
@@ -342,7 +360,8 @@ class AuditLog:
             lines: list[str] = []
             for entry in batch:
                 seq += 1
-                record = seal_record(entry.prepared, seq=seq, prev=prev, ts=format_ts(self._now()))
+                ts = entry.prepared.ts or format_ts(self._now())
+                record = seal_record(entry.prepared, seq=seq, prev=prev, ts=ts)
                 prev = record["hash"]
                 records.append(record)
                 lines.append(serialize_record(record) + "\n")
@@ -397,6 +416,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _open_active(path: Path) -> int:
     """Open (creating, 0600) the active file for appending."""
+    fcntl.require_flock()  # UNAVAILABLE, before anything is created, where there is no flock
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -811,3 +831,48 @@ def read_head(path: Path) -> tuple[int, str]:
         return int(record["seq"]), str(record["hash"])
     finally:
         os.close(fd)
+
+
+def tail_records(path: Path, limit: int, *, verify: bool = True) -> Iterator[dict[str, Any]]:
+    """The newest records of the log ``path``, newest first: the active file's, then the
+    closed segments' (newest segment first), at most ``limit``. A read-only snapshot (the
+    size is taken under a shared ``flock``, so only whole batches are read); an unreadable
+    line ends the walk (``verify=False``: lines are only parsed as JSON, not checked against
+    their hash). The audit outbox drainer reads its last records' event ids here."""
+    files: list[Path] = [path]
+    files += [seg.path for seg in reversed(list_segments(path))]
+    left = limit
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                end = os.fstat(fd).st_size
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            torn = end > 0 and os.pread(fd, 1, end - 1) != b"\n"
+            while end > 0 and left > 0:
+                start, line = _last_line(fd, end)
+                end = start
+                if not line.strip():
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                    record = parse_record(text) if verify else json.loads(text)
+                    if not isinstance(record, dict):
+                        raise ValueError("not a record")
+                except (ValueError, UnicodeDecodeError):
+                    if torn:  # an interrupted write, never acknowledged: cut off on next open
+                        torn = False
+                        continue
+                    return
+                torn = False
+                left -= 1
+                yield record
+        finally:
+            os.close(fd)
+        if left <= 0:
+            return

@@ -11,7 +11,7 @@ dialects), never read-then-write.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,58 @@ from app.store.fastsql import Json, Many, Program, Stmt
 
 class CapRefused(Exception):
     """The reservation did not fit under a cap; the transaction is rolled back."""
+
+
+class PastDue(Exception):
+    """A paid cast for an account marked ``past_due`` (a payment failed): refused inside the
+    accepting transaction, which is rolled back — the gate before it may have read the
+    account before it was marked (#4)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """An audit record's content, written to ``audit_outbox`` in the transaction of the
+    state change it records; the drainer (app/store/audit_outbox.py) appends it to the file
+    with ``ts`` = ``at`` and ``data.event_id`` = ``event_id``."""
+
+    event_id: str
+    event: str
+    at: datetime
+    actor: str | None = None
+    cast_id: str | None = None
+    input_hash: str | None = None
+    amount_cents: int | None = None
+    currency: str | None = None
+    traceparent: str | None = None
+    data: Mapping[str, Any] | None = None
+
+
+_INSERT_AUDIT = (
+    "INSERT INTO audit_outbox (event_id, event, actor, cast_id, input_hash, amount_cents,"
+    " currency, traceparent, data, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def audit_stmt(row: AuditRow) -> Stmt:
+    return Stmt(
+        _INSERT_AUDIT,
+        (
+            row.event_id,
+            row.event,
+            row.actor,
+            row.cast_id,
+            row.input_hash,
+            row.amount_cents,
+            row.currency,
+            row.traceparent,
+            Json(dict(row.data or {})),
+            row.at,
+        ),
+    )
+
+
+#: builds a program's audit records from the cast row it changed (None: no records)
+AuditOf = Callable[[dict[str, Any]], Sequence[AuditRow]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +95,11 @@ class NewCast:
     subject: str | None
     #: a ``cast_targets`` row (GitHub origin / workflow target), column → value
     target: Mapping[str, Any] | None = None
+    #: its ``cast.accepted`` audit record, written in the accepting transaction
+    audit: AuditRow | None = None
+    #: PostgreSQL: read the account's ``past_due`` under a share lock (SQLite has no
+    #: ``FOR SHARE`` and needs none: its writer is alone)
+    for_share: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +262,13 @@ def _cast_writes(c: NewCast) -> list[Stmt]:
                 (c.id, *c.target.values()),
             )
         )
+    if c.audit is not None:
+        writes.append(audit_stmt(c.audit))
     writes.append(Stmt("UPDATE spells SET cast_count = cast_count + 1 WHERE id = ?", (c.spell_id,)))
     return writes
+
+
+_PAST_DUE = "SELECT past_due FROM billing_customers WHERE account_id = ?"
 
 
 def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bool]]:
@@ -215,6 +277,15 @@ def accept_cast(c: NewCast, k: IdemKey) -> Program[tuple[int, dict[str, Any], bo
     stored = yield from claim_key(k)
     if stored is not None:
         return stored[0], stored[1], True
+    if c.estimate_cents > 0:
+        # SQLite: the writer is alone in its transaction. PostgreSQL (this path after a key
+        # takeover): the row lock waits for a concurrent marking and reads its outcome.
+        res = yield Stmt(
+            _PAST_DUE + (" FOR SHARE" if c.for_share else ""), (c.caster_id,), rows=True
+        )
+        row = res.first()
+        if row is not None and bool(row[0]):
+            raise PastDue()
     yield Many(tuple(_cast_writes(c)))
     if c.estimate_cents > 0:
         period = yield from reserve(c.caster_id, c.estimate_cents, c.period, c.created_at)
@@ -247,9 +318,14 @@ def accept_cast_one_statement(c: NewCast, k: IdemKey) -> Program[tuple[int, dict
     if held:
         parts.append(f"r AS ({_RESERVE})")
         args += _reserve_args(c.caster_id, c.estimate_cents, c.period, c.created_at)
-    period_sql = "(SELECT period FROM r)" if held else "NULL"
+        # #4: the account's past_due under a share lock — a marking in progress is waited
+        # for and its outcome read; one that comes after waits for this commit, so the
+        # cancellation sweep that follows it sees this cast
+        parts.append(f"pd AS ({_PAST_DUE} FOR SHARE)")
+        args.append(c.caster_id)
+    tail = "(SELECT period FROM r), (SELECT bool_or(past_due) FROM pd)" if held else "NULL, NULL"
     res = yield Stmt(
-        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM k), {period_sql}",  # noqa: S608
+        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM k), {tail}",  # noqa: S608
         tuple(args),
         rows=True,
     )
@@ -258,6 +334,8 @@ def accept_cast_one_statement(c: NewCast, k: IdemKey) -> Program[tuple[int, dict
     if int(row[0]) != 1:
         raise KeyTaken()
     if held:
+        if row[2]:
+            raise PastDue()
         if row[1] is None:
             raise CapRefused()
         if str(row[1]) != c.period:
@@ -397,8 +475,11 @@ def _event(cast_id: str, seq: int, stage: str, data: dict[str, Any], now: dateti
     )
 
 
-def claim(cast_id: str, now: datetime, lease_until: datetime) -> Program[dict[str, Any] | None]:
-    """queued → running with the next attempt number, a lease and the ``running`` event."""
+def claim(
+    cast_id: str, now: datetime, lease_until: datetime, audit: AuditOf | None = None
+) -> Program[dict[str, Any] | None]:
+    """queued → running with the next attempt number, a lease and the ``running`` event
+    (and the audit records ``audit`` makes of the claimed cast)."""
     res = yield Stmt(
         "UPDATE casts SET status = 'running', attempt = attempt + 1, started_at = ?,"
         " lease_until = ?, event_seq = event_seq + 1 WHERE id = ? AND status = 'queued'"
@@ -410,7 +491,11 @@ def claim(cast_id: str, now: datetime, lease_until: datetime) -> Program[dict[st
     if row is None:
         return None
     yield _event(cast_id, int(row[0]), "running", {"status": "running"}, now)
-    return (yield from get_cast(cast_id))
+    cast = yield from get_cast(cast_id)
+    if audit is not None and cast is not None:
+        for rec in audit(cast):
+            yield audit_stmt(rec)
+    return cast
 
 
 def append_events(
@@ -533,8 +618,10 @@ def finish(
     billing: bool,
     now: datetime,
     usage: Mapping[str, int] | None = None,
+    audit: AuditOf | None = None,
 ) -> Program[dict[str, Any] | None]:
-    """End a live attempt: status, artifact, settle/release, ledger line, final event."""
+    """End a live attempt: status, artifact, settle/release, ledger line, final event (and
+    the audit records ``audit`` makes of the ended cast)."""
     status = "succeeded" if succeeded else "failed"
     res = yield Stmt(
         "UPDATE casts SET status = ?, finished_at = ?, cost_cents = ?, error_code = ?,"
@@ -581,6 +668,9 @@ def finish(
     else:
         event["error"] = {"code": error_code, "message": error_message}
     yield _event(cast_id, seq, status, event, now)
+    if audit is not None:
+        for rec in audit(cast):
+            yield audit_stmt(rec)
     return cast
 
 
@@ -675,3 +765,60 @@ def events_after(
         rows=True,
     )
     return [(int(r[0]), int(r[1]), str(r[2]), dict(_json(r[3])), _time(r[4])) for r in res.rows]
+
+
+# ---------------------------------------------------------------------------- audit outbox
+
+AUDIT_COLUMNS = (
+    "id",
+    "event_id",
+    "event",
+    "actor",
+    "cast_id",
+    "input_hash",
+    "amount_cents",
+    "currency",
+    "traceparent",
+    "data",
+    "created_at",
+)
+
+
+def pending_audit(limit: int) -> Program[list[dict[str, Any]]]:
+    """The oldest audit outbox rows (by id: the order their transactions took them)."""
+    res = yield Stmt(
+        f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_outbox ORDER BY id LIMIT ?",  # noqa: S608
+        (limit,),
+        rows=True,
+    )
+    out = []
+    for r in res.rows:
+        row = dict(zip(AUDIT_COLUMNS, r, strict=True))
+        row["data"] = dict(_json(row["data"]) or {})
+        row["created_at"] = _time(row["created_at"])
+        out.append(row)
+    return out
+
+
+def audit_pending_of(event_ids: Sequence[str]) -> Program[set[str]]:
+    """Which of ``event_ids`` are still in the audit outbox."""
+    if not event_ids:
+        return set()
+    res = yield Stmt(
+        "SELECT event_id FROM audit_outbox"  # noqa: S608 - placeholders only
+        f" WHERE event_id IN ({', '.join('?' for _ in event_ids)})",
+        tuple(event_ids),
+        rows=True,
+    )
+    return {str(r[0]) for r in res.rows}
+
+
+def delete_audit(ids: Sequence[int], event_ids: Sequence[str] = ()) -> Program[None]:
+    """Drop drained rows: by id, and by event id (rows found in the file already)."""
+    for col, values in (("id", list(ids)), ("event_id", list(event_ids))):
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
+            yield Stmt(
+                f"DELETE FROM audit_outbox WHERE {col} IN ({', '.join('?' for _ in chunk)})",  # noqa: S608
+                tuple(chunk),
+            )

@@ -268,6 +268,28 @@ class AuditPointer(Base):
     updated_at: Mapped[datetime] = mapped_column(TZ)
 
 
+class AuditOutbox(Base):
+    """An audit record written in the transaction of the state change it records; the audit
+    drainer (app/store/audit_outbox.py) appends it to the audit log file, then deletes it."""
+
+    __tablename__ = "audit_outbox"
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    #: carried into the record (``data.event_id``): how a drainer knows it is in the file
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)
+    event: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cast_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    input_hash: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    amount_cents: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: the event time: the record's ``ts``
+    created_at: Mapped[datetime] = mapped_column(TZ)
+
+
 class GitHubInstallation(Base):
     """An installation of the GitHub App (from ``installation`` webhooks)."""
 

@@ -40,6 +40,7 @@ from app.runner.sandbox import (
 from app.services.events import EventHub
 from app.services.platform import Platform, PlatformConfig
 from app.services.ports import ArtifactStore, Clock, Queue, SystemClock
+from app.store.audit_outbox import AuditDrainer
 from app.store.auditlog import AuditLog
 from app.store.billing_store import BillingStore
 from app.store.db import make_engine, upgrade
@@ -212,6 +213,8 @@ def _platform_ctx(
         head = _HeadWriter(ledger)
         audit = AuditLog(settings.data_dir / "audit" / "audit.jsonl", on_head=head, now=clock.now)
         await audit.start()
+        # audit records committed with their state change (the audit outbox) go to the file
+        audit_drainer = AuditDrainer(ledger.fast, audit)
         # the duplicate window inside a lease, as on JetStream (_connect_bus): a run the lease
         # reaper queues again (same msg id) must not be dropped as a duplicate
         queue: Queue = ov.queue or (
@@ -273,6 +276,7 @@ def _platform_ctx(
         )
         if isinstance(platform.hub, SharedEventHub) and bus is not None:
             await bus.share_events(platform.hub)
+        platform.kick_audit = audit_drainer.kick
         app[LEDGER] = ledger
         app[PLATFORM] = platform
         app[QUEUE] = queue
@@ -418,11 +422,16 @@ def _platform_ctx(
             else:
                 tasks.append(asyncio.create_task(_sweeper(ledger), name="sweeper"))
         front: IngestFront | None = None
+        audit_drainer.start()
         try:
             if settings.webhook_port is not None and app[ROLE] == "serve":
                 # the dedicated webhook ingest front (app/web/ingest.py) on its own port
                 front = await start_front(
-                    settings, inbox, on_fresh=relay.kick, github_ready=gh_service is not None
+                    settings,
+                    inbox,
+                    on_fresh=relay.kick,
+                    github_ready=gh_service is not None,
+                    metrics=app[METRICS],
                 )
                 app[FRONT] = front
             yield
@@ -452,6 +461,7 @@ def _platform_ctx(
                 await github.aclose()
             if stripe is not None:
                 await stripe.aclose()
+            await audit_drainer.close()  # the last pending records, before the log closes
             await audit.close()
             await head.close()
             await ledger.aclose()

@@ -25,7 +25,9 @@ checked on ``Content-Length`` before any byte of the body is read, then the conn
 closed); other paths 404, other methods 405; idle keep-alive connections and requests that
 take too long to arrive are closed by a sweeper. It is served on its own port
 (``SPELL_WEBHOOK_PORT`` / ``spell serve --webhook-port``) in the same process and event loop
-as the API, sharing its ledger, outbox relay and worker.
+as the API, sharing its ledger, outbox relay and worker. Its counters are exported on the API's
+``/metrics`` (``webhook_front_deliveries_total{result}``, ``webhook_front_batches_total``,
+``webhook_front_batch_size``; app/observability/metrics.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from app.github.webhooks import (
     InvalidSignature,
     verify_signature,
 )
+from app.observability.metrics import Metrics
 from app.store.inbox import Inbox
 
 log = logging.getLogger("spell.webhook_front")
@@ -317,6 +320,7 @@ class _Conn(asyncio.Protocol):
             if not (length.isascii() and length.isdigit()):
                 raise _Abort(_error("VALIDATION_ERROR", "malformed Content-Length", status=400))
             if self.reject is None and int(length) > self.limits.max_body:
+                self.front.count_rejected()
                 raise _Abort(
                     _error(
                         "PAYLOAD_TOO_LARGE",
@@ -325,6 +329,7 @@ class _Conn(asyncio.Protocol):
                 )
         elif method == b"POST" and self.reject is None:
             # chunked or no length: GitHub always sends Content-Length
+            self.front.count_rejected()
             raise _Abort(
                 _error("VALIDATION_ERROR", "a Content-Length header is required", status=411)
             )
@@ -459,6 +464,7 @@ class IngestFront:
         limits: FrontLimits,
         on_fresh: Callable[[], None] = lambda: None,
         unavailable: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.inbox = inbox
         self.secrets = [s.encode() for s in secrets]
@@ -476,6 +482,15 @@ class IngestFront:
             "batches": 0,
             "store_errors": 0,
         }
+        #: the Prometheus series (``/metrics`` on the API port); a private set when none is given
+        m = metrics if metrics is not None else Metrics()
+        results = m.webhook_front_deliveries
+        self._m_accepted = results.labels(result="accepted")
+        self._m_duplicate = results.labels(result="duplicate")
+        self._m_rejected = results.labels(result="rejected")
+        self._m_error = results.labels(result="error")
+        self._m_batches = m.webhook_front_batches
+        self._m_batch_size = m.webhook_front_batch_size
         self._queue: list[_Item] = []
         self._inflight = 0
         self._scheduled = False
@@ -539,10 +554,15 @@ class IngestFront:
 
     # -- one verified request
 
+    def count_rejected(self) -> None:
+        """A delivery refused before storage (401, 411, 413, 422, 503 unconfigured)."""
+        self.stats["rejected"] += 1
+        self._m_rejected.inc()
+
     def handle(self, req: _Req, headers: dict[str, str], body: bytes) -> None:
         conn = req.conn
         if self.unavailable is not None:
-            self.stats["rejected"] += 1
+            self.count_rejected()
             st, b = error_body(
                 "UNAVAILABLE",
                 f"{self.unavailable} (GITHUB_APP_ID, GITHUB_APP_PRIVATE_KEY[_PATH], "
@@ -555,14 +575,14 @@ class IngestFront:
                 body, signature=headers.get("x-hub-signature-256"), secret=self.secrets
             )
         except InvalidSignature as e:
-            self.stats["rejected"] += 1
+            self.count_rejected()
             st, b = error_body("UNAUTHORIZED", f"webhook signature rejected: {e.reason}")
             conn.answer(req, st, b)
             return
         try:
             hdr = DeliveryHeaders.from_headers(headers)
         except BadDelivery as e:
-            self.stats["rejected"] += 1
+            self.count_rejected()
             st, b = error_body("VALIDATION_ERROR", f"not a GitHub delivery: {e.reason}")
             conn.answer(req, st, b)
             return
@@ -616,6 +636,7 @@ class IngestFront:
             )
         except Exception:
             self.stats["store_errors"] += 1
+            self._m_error.inc(len(batch))
             log.exception("webhook front: a batch of %d deliveries was not stored", len(batch))
             st, b = error_body(
                 "UNAVAILABLE",
@@ -639,6 +660,12 @@ class IngestFront:
                     )
             self.stats["accepted"] += n_fresh
             self.stats["duplicates"] += len(batch) - n_fresh
+            self._m_batches.inc()
+            self._m_batch_size.observe(len(batch))
+            if n_fresh:
+                self._m_accepted.inc(n_fresh)
+            if n_fresh < len(batch):
+                self._m_duplicate.inc(len(batch) - n_fresh)
             if n_fresh:
                 self.on_fresh()
         finally:
@@ -655,10 +682,16 @@ FRONT = web.AppKey("webhook_front", IngestFront)
 
 
 async def start_front(
-    settings: Settings, inbox: Inbox, *, on_fresh: Callable[[], None], github_ready: bool
+    settings: Settings,
+    inbox: Inbox,
+    *,
+    on_fresh: Callable[[], None],
+    github_ready: bool,
+    metrics: Metrics | None = None,
 ) -> IngestFront:
     """Start the front on ``SPELL_WEBHOOK_HOST``:``SPELL_WEBHOOK_PORT`` (``spell serve`` does it
-    when the port is set). Without the GitHub App configured it answers 503, like the route."""
+    when the port is set). Without the GitHub App configured it answers 503, like the route.
+    ``metrics``: the app's (its ``/metrics`` exports the front's ``webhook_front_*`` series)."""
     from app.store.fastsql import PgRunner
 
     pg = isinstance(inbox.ledger.fast, PgRunner)
@@ -672,6 +705,7 @@ async def start_front(
         secrets=settings.webhook_secrets() if github_ready else [],
         limits=limits,
         on_fresh=on_fresh,
+        metrics=metrics,
     )
     host = settings.webhook_host or "127.0.0.1"
     assert settings.webhook_port is not None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -51,6 +50,7 @@ from app.domain.retention import (
     rotation_due,
 )
 from app.services.ports import ArtifactStore, AuditSink, Clock
+from app.store import filelock as fcntl  # fcntl.flock, or a fail-closed stand-in (Windows)
 from app.store.auditlog import (
     ANCHOR_POINTER_SUFFIX,
     AuditLogCorrupt,
@@ -343,6 +343,9 @@ def _try_file_lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except BaseException:  # e.g. UNAVAILABLE: no file locks on this OS
+        os.close(fd)
+        raise
     return fd
 
 

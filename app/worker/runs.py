@@ -29,6 +29,7 @@ from app.runner.fstree import remove_tree
 from app.runner.netproxy import DEFAULT_MAX_BYTES, NetworkAccess
 from app.runner.sandbox import SANDBOX_PYTHON, Sandbox, SandboxResult, SandboxSpec
 from app.services.platform import Platform
+from app.store import hot
 from app.store.ledger import new_id
 from app.store.models import Artifact, Cast
 
@@ -136,31 +137,45 @@ class RunExecutor:
         if attempt is not None:
             await self.ledger.extend_lease(cast_id, attempt, lease_sec=self.config.lease_sec)
 
+    async def _claim(self, cast_id: str) -> Cast | None:
+        """queued → running (app/store/hot.py ``claim``) with its ``cast.running`` audit
+        record in the same transaction (the audit outbox)."""
+        now = self.platform.clock.now()
+        until = now + timedelta(seconds=self.config.lease_sec)
+
+        def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
+            return [
+                hot.AuditRow(
+                    event_id=new_id("ev"),
+                    event="cast.running",
+                    at=now,
+                    actor="worker",
+                    cast_id=cast_id,
+                    input_hash=c["input_hash"],
+                    traceparent=c["traceparent"],
+                    data={"attempt": int(c["attempt"])},
+                )
+            ]
+
+        row = await self.ledger.fast.run(lambda: hot.claim(cast_id, now, until, audit))
+        if row is None:
+            return None
+        self.platform.kick_audit()
+        return Cast(**row)
+
     async def execute(self, cast_id: str) -> None:
-        claim = await self.ledger.claim(cast_id, lease_sec=self.config.lease_sec)
-        if claim is None:
+        cast = await self._claim(cast_id)
+        if cast is None:
             log.info("cast %s is not queued any more; nothing to do", cast_id)
             return
-        cast, attempt = claim.cast, claim.attempt
+        attempt = cast.attempt
         self.active[cast_id] = attempt
         self.platform.hub.notify(cast_id)
         run_dir = self.runs_dir / f"{cast_id}-{attempt}"
-        # Written while the run is prepared; awaited before the spell starts.
-        running = asyncio.ensure_future(
-            self.platform.audit.append(
-                "cast.running",
-                actor="worker",
-                cast_id=cast_id,
-                input_hash=cast.input_hash,
-                traceparent=cast.traceparent,
-                data={"attempt": attempt},
-            )
-        )
         try:
-            await self._run(cast, attempt, run_dir, running)
+            await self._run(cast, attempt, run_dir)
         except Exception:
             log.exception("cast %s attempt %d failed inside the platform", cast_id, attempt)
-            await _settled(running)  # keep the audit order: running, then failed
             await self._finish(
                 cast,
                 attempt,
@@ -170,12 +185,9 @@ class RunExecutor:
             )
         finally:
             self.active.pop(cast_id, None)
-            await _settled(running)
             await asyncio.to_thread(remove_tree, run_dir)  # iterative: any depth the spell made
 
-    async def _run(
-        self, cast: Cast, attempt: int, run_dir: Path, running: asyncio.Future[Any]
-    ) -> None:
+    async def _run(self, cast: Cast, attempt: int, run_dir: Path) -> None:
         # The spell and the run folder are independent: look up one while preparing the other.
         prepared = asyncio.ensure_future(
             asyncio.to_thread(self._prepare, run_dir, cast.input or {})
@@ -193,7 +205,6 @@ class RunExecutor:
         if bundle_dir is None or not bundle_dir.is_dir():
             bundle_dir = await asyncio.to_thread(self._bundle, ex.bundle)
             self._extracted[ex.bundle] = bundle_dir
-        await running  # the audit shows the cast running before the spell does anything
         lines = _LineSink(self, cast.id, attempt)
         spec = SandboxSpec(
             bundle_dir=bundle_dir,
@@ -301,51 +312,85 @@ class RunExecutor:
         extra: dict[str, Any] | None = None,
         usage: dict[str, int] | None = None,
     ) -> None:
-        done = await self.ledger.finish(
-            cast.id,
-            attempt,
-            succeeded=succeeded,
-            cost_cents=cost,
-            error_code=code,
-            error_message=message,
-            artifact=artifact,
-            extra_event=extra,
-            usage=usage,
+        now = self.platform.clock.now()
+        status = "succeeded" if succeeded else "failed"
+
+        def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
+            """``cast.succeeded``/``cast.failed`` (+ ``ledger.charge``), committed with the
+            end of the run (the audit outbox)."""
+            estimate = int(c["estimate_cents"])
+            charged = min(cost, estimate) if succeeded else 0
+            rows = [
+                hot.AuditRow(
+                    event_id=new_id("ev"),
+                    event=f"cast.{status}",
+                    at=now,
+                    actor="worker",
+                    cast_id=cast.id,
+                    input_hash=c["input_hash"],
+                    amount_cents=charged,
+                    currency=c["currency"],
+                    traceparent=c["traceparent"],
+                    data={
+                        "attempt": attempt,
+                        "released_cents": estimate - charged,
+                        **({"error": {"code": code, "message": message}} if code else {}),
+                        **({"artifact_digest": artifact.digest} if artifact else {}),
+                    },
+                )
+            ]
+            if charged > 0:
+                rows.append(
+                    hot.AuditRow(
+                        event_id=new_id("ev"),
+                        event="ledger.charge",
+                        at=now,
+                        actor="worker",
+                        cast_id=cast.id,
+                        amount_cents=charged,
+                        currency=c["currency"],
+                        traceparent=c["traceparent"],
+                        data={"account": c["caster_id"], "method": "ledger"},
+                    )
+                )
+            return rows
+
+        art = None
+        if artifact is not None:
+            art = hot.NewArtifact(
+                id=artifact.id,
+                location=artifact.location,
+                digest=artifact.digest,
+                size_bytes=artifact.size_bytes,
+                created_at=artifact.created_at,
+                expires_at=artifact.expires_at,
+            )
+        billing = self.ledger.billing_enabled
+        row = await self.ledger.fast.run(
+            lambda: hot.finish(
+                cast.id,
+                attempt,
+                succeeded=succeeded,
+                cost_cents=cost,
+                error_code=code,
+                error_message=message,
+                artifact=art,
+                extra_event=extra,
+                billing=billing,
+                now=now,
+                usage=usage,
+                audit=audit,
+            )
         )
-        if done is None:
+        if row is None:
             log.warning("cast %s attempt %d was superseded; result dropped", cast.id, attempt)
             if artifact is not None:
                 await self.platform.artifacts.delete(artifact.location)
             return
+        done = Cast(**row)
+        self.platform.kick_audit()
         self.platform.hub.notify(cast.id)
         self.platform.kick_outbox()  # GitHub feedback / billing.charge rows from the finish
-        status = "succeeded" if succeeded else "failed"
-        charged = min(cost, done.estimate_cents) if succeeded else 0
-        await self.platform.audit.append(
-            f"cast.{status}",
-            actor="worker",
-            cast_id=cast.id,
-            input_hash=cast.input_hash,
-            amount_cents=charged,
-            currency=cast.currency,
-            traceparent=cast.traceparent,
-            data={
-                "attempt": attempt,
-                "released_cents": done.estimate_cents - charged,
-                **({"error": {"code": code, "message": message}} if code else {}),
-                **({"artifact_digest": artifact.digest} if artifact else {}),
-            },
-        )
-        if charged > 0:
-            await self.platform.audit.append(
-                "ledger.charge",
-                actor="worker",
-                cast_id=cast.id,
-                amount_cents=charged,
-                currency=cast.currency,
-                traceparent=cast.traceparent,
-                data={"account": cast.caster_id, "method": "ledger"},
-            )
         m = self.platform.metrics
         m.cast_count.labels(status=status).inc()
         if done.finished_at is not None:
@@ -353,14 +398,6 @@ class RunExecutor:
             m.cast_latency_ms.observe(ms)
         if code:
             m.errors_by_code.labels(code=code).inc()
-
-
-async def _settled(fut: asyncio.Future[Any]) -> None:
-    """Wait for ``fut`` without raising (its failure was, or is, reported by whoever awaits)."""
-    if not fut.done():
-        await asyncio.wait([fut])
-    if not fut.cancelled():
-        fut.exception()
 
 
 class _LineSink:

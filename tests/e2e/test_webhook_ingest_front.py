@@ -370,6 +370,47 @@ async def test_many_concurrent_connections_all_stored(quiet: Harness, fake: Fake
     assert await count(h, "outbox", "WHERE subject = 'webhook.github'") == 60
 
 
+async def test_the_front_counters_are_on_the_api_metrics(quiet: Harness, fake: FakeGitHub) -> None:
+    """``GET /metrics`` on the API port exports the front's counters (Prometheus text format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    h = quiet
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        r = await h.client.get("/metrics")
+        assert r.status == 200
+        out = {}
+        for family in text_string_to_metric_families(await r.text()):
+            for smp in family.samples:
+                out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+        return out
+
+    def result(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+        return got[("webhook_front_deliveries_total", (("result", name),))]
+
+    before = await scrape()
+    assert [result(before, n) for n in ("accepted", "duplicate", "rejected", "error")] == [0] * 4
+    assert before[("webhook_front_batches_total", ())] == 0
+    url = f"http://127.0.0.1:{port_of(h)}/webhooks/github"
+    deliveries = [signed(fake, "issue_comment", {"action": "created", "i": i}) for i in range(5)]
+    async with aiohttp.ClientSession() as s:
+        for hdrs, body in deliveries:
+            assert (await s.post(url, data=body, headers=hdrs)).status == 202
+        hdrs, body = deliveries[0]
+        assert (await s.post(url, data=body, headers=hdrs)).status == 200  # a repeat
+        bad, _ = fake.sign_webhook("issue_comment", {"x": 1}, "not-the-secret")
+        assert (await s.post(url, data=body, headers=bad)).status == 401
+    got = await scrape()
+    assert result(got, "accepted") == 5
+    assert result(got, "duplicate") == 1
+    assert result(got, "rejected") == 1
+    assert result(got, "error") == 0
+    batches = got[("webhook_front_batches_total", ())]
+    assert 1 <= batches <= 6
+    assert got[("webhook_front_batch_size_count", ())] == batches
+    assert got[("webhook_front_batch_size_sum", ())] == 6  # every stored or deduped request
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

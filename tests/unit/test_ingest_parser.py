@@ -14,6 +14,7 @@ import httptools
 import pytest
 
 from app.github.webhooks import sign
+from app.observability.metrics import Metrics
 from app.web.ingest import FrontLimits, IngestFront, _Conn
 
 SECRET = "unit-secret"
@@ -99,13 +100,14 @@ def request(
 
 
 def make(
-    inbox: FakeInbox | None = None, **limits: Any
+    inbox: FakeInbox | None = None, *, metrics: Metrics | None = None, **limits: Any
 ) -> tuple[IngestFront, _Conn, FakeTransport, FakeInbox]:
     inbox = inbox or FakeInbox()
     front = IngestFront(
         inbox=inbox,  # type: ignore[arg-type]
         secrets=[SECRET],
         limits=FrontLimits(**limits),
+        metrics=metrics,
     )
     conn = _Conn(front)
     transport = FakeTransport()
@@ -421,3 +423,60 @@ async def test_many_pipelined_requests_in_one_read_are_not_mistaken_for_a_long_h
     await settle()
     assert [s for s, _h, _b in responses(t.written)] == [202] * 20
     assert len(inbox.stored) == 20 and not t.closed
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_the_counters_are_exported_as_prometheus_metrics() -> None:
+    metrics = Metrics()
+    front, conn, t, inbox = make(metrics=metrics, max_body=1000)
+    for result in ("accepted", "duplicate", "rejected", "error"):  # exported before any traffic
+        assert sample(metrics, "webhook_front_deliveries_total", result=result) == 0
+    # batch 1: a, b and a again (in-batch repeat); meanwhile a bad signature and a bad id
+    conn.data_received(
+        request("a")
+        + request("b")
+        + request("a")
+        + request("x", secret="wrong")
+        + request("bad id!")
+        + request("p", path="/v1/spells")  # not a delivery: not counted
+    )
+    await settle()
+    # batch 2: b (stored by batch 1) and c
+    conn.data_received(request("b") + request("c"))
+    await settle()
+    assert [s for s, _h, _b in responses(t.written)] == [202, 202, 200, 401, 422, 404, 200, 202]
+    assert inbox.batches == [["a", "b"], ["b", "c"]]
+    # oversize (413) and no Content-Length (411), each closing its own connection
+    for raw in (
+        request("big", body=b"x" * 1001)[:-1001],
+        b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ):
+        c2, t2 = _Conn(front), FakeTransport()
+        c2.connection_made(t2)
+        c2.data_received(raw)
+        assert responses(t2.written)[0][0] in (411, 413) and t2.closed
+    # a batch that cannot be stored
+    inbox.fail = True
+    conn.data_received(request("d") + request("e"))
+    await settle()
+    assert [s for s, _h, _b in responses(t.written)][-2:] == [503, 503]
+
+    def deliveries(result: str) -> float | None:
+        return sample(metrics, "webhook_front_deliveries_total", result=result)
+
+    assert deliveries("accepted") == 3 == front.stats["accepted"]
+    assert deliveries("duplicate") == 2 == front.stats["duplicates"]
+    assert deliveries("rejected") == 4 == front.stats["rejected"]
+    assert deliveries("error") == 2
+    assert sample(metrics, "webhook_front_batches_total") == 2 == front.stats["batches"]
+    assert sample(metrics, "webhook_front_batch_size_count") == 2
+    assert sample(metrics, "webhook_front_batch_size_sum") == 5  # 3 + 2 requests
+    assert sample(metrics, "webhook_front_batch_size_bucket", le="1.0") == 0
+    assert sample(metrics, "webhook_front_batch_size_bucket", le="2.0") == 1
+    assert sample(metrics, "webhook_front_batch_size_bucket", le="4.0") == 2
+    body, _ctype = metrics.render()
+    assert b'webhook_front_deliveries_total{result="accepted"} 3.0' in body
+    assert b"# TYPE webhook_front_batch_size histogram" in body

@@ -11,7 +11,10 @@ of them *and* to this repository's own CI (``.github/workflows``, SPEC §11):
 - every workflow has a top-level ``permissions:`` that grants nothing but reads; writes
   (``id-token``, ``attestations``) appear only in jobs that sign or attest;
 - the release workflow makes SPDX and CycloneDX SBOMs, uploads them, attests the wheel with
-  cosign keyless and verifies that attestation; CI runs the suite with real services on Linux;
+  cosign keyless and verifies that attestation; CI runs the suite with real services on Linux,
+  the unit and contract tiers with ``tests/conftest.py`` on Windows and macOS (never leaving out
+  ``test_portable_imports.py``), and casts the example spell with the companion Action
+  (``uses: ./``) against a local ``spell serve``, checking its ``status`` output;
 - ``actionlint`` and the SchemaStore schema accept ``.github/workflows`` and ``make lint`` runs
   both over it.
 
@@ -320,9 +323,80 @@ def release_problems(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+#: Tests the Windows and macOS jobs must never leave out: they are what keeps the package
+#: importable there and the workflow rules honest on every OS.
+PORTABLE_MUST_RUN = ("tests/unit/test_portable_imports.py", "tests/unit/test_repo_workflows.py")
+
+
+def portable_problems(doc: dict[str, Any]) -> list[str]:
+    """Jobs on a non-Linux image run the unit and contract tiers with tests/conftest.py."""
+    problems = []
+    for job_id, job in doc["jobs"].items():
+        if not any(not x.startswith("ubuntu") for x in runner_labels(job)):
+            continue
+        runs = [
+            str(s.get("run", "")) for s in job.get("steps", []) if "pytest" in str(s.get("run"))
+        ]
+        if not runs:
+            problems.append(f"{job_id}: runs no tests")
+        for run in runs:
+            if "--noconftest" in run:
+                problems.append(f"{job_id}: pytest --noconftest (tests/conftest.py must load)")
+            if not re.search(r"\btests/unit\b", run) or not re.search(r"\btests/contract\b", run):
+                problems.append(f"{job_id}: every test step runs tests/unit and tests/contract")
+            for name in PORTABLE_MUST_RUN:
+                if re.search(rf"--(ignore|deselect)[= ]{re.escape(name)}", run):
+                    problems.append(f"{job_id}: leaves out {name}")
+    return problems
+
+
+def smoke_problems(doc: dict[str, Any]) -> list[str]:
+    """A Linux job casts a published spell on a local `spell serve` with the companion Action
+    (``uses: ./``) and checks that its ``status`` output is ``succeeded``."""
+    for job_id, job in doc["jobs"].items():
+        steps = job.get("steps", [])
+        action = [i for i, s in enumerate(steps) if s.get("uses") == "./"]
+        if not action:
+            continue
+        problems = []
+        i = action[0]
+        step = steps[i]
+        before = "\n".join(str(s.get("run", "")) for s in steps[:i])
+        after = steps[i + 1 :]
+        if "ubuntu-24.04" not in runner_labels(job):
+            problems.append(f"{job_id}: the smoke job needs bubblewrap: run it on ubuntu-24.04")
+        if not re.search(r"^\s*nohup spell serve\b", before, re.MULTILINE):
+            problems.append(f"{job_id}: `spell serve` must be started before the Action")
+        if "make sandbox" not in before and "bubblewrap" not in before:
+            problems.append(f"{job_id}: bubblewrap must be installed")
+        if not re.search(r"\bspell publish templates/spells/hello\b", before):
+            problems.append(f"{job_id}: the example spell must be published before the Action")
+        with_ = step.get("with") or {}
+        if with_.get("spell") != "com.example.hello" or "127.0.0.1" not in str(
+            with_.get("api-url")
+        ):
+            problems.append(f"{job_id}: the Action must cast com.example.hello on 127.0.0.1")
+        if not re.fullmatch(r"\$\{\{ steps\.[\w-]+\.outputs\.[\w-]+ \}\}", str(with_.get("token"))):
+            problems.append(f"{job_id}: the token must come from an earlier step's output")
+        cast_id = step.get("id")
+        checks = [
+            s
+            for s in after
+            if cast_id
+            and any(
+                f"steps.{cast_id}.outputs.status" in str(v) for v in (s.get("env") or {}).values()
+            )
+            and re.search(r"\bsucceeded\b", str(s.get("run", "")))
+        ]
+        if not checks:
+            problems.append(f"{job_id}: a later step must check the Action's status == succeeded")
+        return problems
+    return ["no job runs the companion Action (`uses: ./`) against a local platform"]
+
+
 def ci_problems(doc: dict[str, Any]) -> list[str]:
     """All three runner images; the Linux job runs everything against real services."""
-    problems = []
+    problems = [*portable_problems(doc), *smoke_problems(doc)]
     on = triggers(doc)
     if "push" not in on or "pull_request" not in on:
         problems.append("CI must run on push and pull_request")
@@ -685,6 +759,68 @@ def test_release_rule_catches(break_it: Any, problem: str) -> None:
             "no Linux services",
         ),
         (lambda d: d["jobs"].pop("lint"), "make lint"),
+        (
+            lambda d: [
+                s.update(run=s["run"] + " --noconftest")
+                for s in d["jobs"]["test-portable"]["steps"]
+                if "pytest" in str(s.get("run"))
+            ],
+            "--noconftest",
+        ),
+        (
+            lambda d: [
+                s.update(run=s["run"].replace(" tests/contract", ""))
+                for s in d["jobs"]["test-portable"]["steps"]
+                if "pytest" in str(s.get("run"))
+            ],
+            "tests/unit and tests/contract",
+        ),
+        (
+            lambda d: [
+                s.update(run=s["run"] + " --ignore=tests/unit/test_portable_imports.py")
+                for s in d["jobs"]["test-portable"]["steps"]
+                if "Windows" in str(s.get("if"))
+            ],
+            "leaves out tests/unit/test_portable_imports.py",
+        ),
+        (lambda d: d["jobs"].pop("action-smoke"), "companion Action"),
+        (
+            lambda d: d["jobs"]["action-smoke"]["steps"].remove(
+                next(
+                    s
+                    for s in d["jobs"]["action-smoke"]["steps"]
+                    if "spell serve" in str(s.get("run"))
+                )
+            ),
+            "`spell serve` must be started",
+        ),
+        (
+            lambda d: [
+                s.update(run=s["run"].replace("spell publish templates/spells/hello", "true"))
+                for s in d["jobs"]["action-smoke"]["steps"]
+                if "spell publish" in str(s.get("run"))
+            ],
+            "published before",
+        ),
+        (
+            lambda d: next(s for s in d["jobs"]["action-smoke"]["steps"] if s.get("uses") == "./")[
+                "with"
+            ].update(token="hard-coded"),
+            "earlier step's output",
+        ),
+        (
+            lambda d: d["jobs"]["action-smoke"]["steps"].pop(),  # the log step: still fine
+            None,
+        ),
+        (
+            lambda d: [
+                s.update(run=s["run"].replace("succeeded", "failed"))
+                for s in d["jobs"]["action-smoke"]["steps"]
+                if "STATUS" in (s.get("env") or {})
+            ],
+            "status == succeeded",
+        ),
+        (lambda d: d["jobs"]["action-smoke"].update({"runs-on": "macos-15"}), "ubuntu-24.04"),
     ],
     ids=[
         "not-required",
@@ -693,10 +829,23 @@ def test_release_rule_catches(break_it: Any, problem: str) -> None:
         "no-pg-pass",
         "required-on-windows",
         "no-lint",
+        "noconftest",
+        "no-contract-tier",
+        "portable-imports-ignored",
+        "no-smoke",
+        "no-serve",
+        "no-publish",
+        "literal-token",
+        "smoke-without-log-step",
+        "status-unchecked",
+        "smoke-not-on-linux",
     ],
 )
-def test_ci_rule_catches(break_it: Any, problem: str) -> None:
+def test_ci_rule_catches(break_it: Any, problem: str | None) -> None:
     doc = _ci()
     break_it(doc)
     problems = ci_problems(doc)
-    assert any(problem in p for p in problems), problems
+    if problem is None:  # a harmless change: the rules must not fire on it
+        assert problems == []
+    else:
+        assert any(problem in p for p in problems), problems
