@@ -79,6 +79,7 @@ __all__ = [
     "pending_inits",
     "reap_adopted",
     "remove_stale_slots",
+    "renice_tree",
     "when_done",
 ]
 
@@ -88,6 +89,11 @@ log = logging.getLogger("spell.sandbox.pool")
 #: lowers both per run. Covers the largest spell ``timeout_sec`` (3600) + 1 s of CPU + the hard
 #: limit's extra second; a run needing more starts cold.
 WARM_MAX_CPU_SEC = 3602
+#: Niceness a warm sandbox is spawned with: its start-up (setpriv, bwrap, the interpreter,
+#: ~20-25 ms of CPU) is background work that must not take CPU from the run it replaces. It is
+#: put back to 0 (:func:`renice_tree`) before it gets its job, so the spell itself runs exactly
+#: as in a cold sandbox. Only when the platform may raise a priority again (root).
+WARM_SPAWN_NICE = 10
 #: How long a spawned sandbox may take to report ready before it is killed.
 READY_TIMEOUT_SEC = 30.0
 #: Longest pause between spawn attempts after repeated failures.
@@ -869,6 +875,32 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
         return []
+
+
+def renice_tree(pid: int, nice: int) -> int:
+    """Set the niceness of ``pid``, every thread of it and of its descendants; how many
+    threads were set. Gone processes are skipped; anything else (no permission) raises."""
+    done = 0
+    todo = [pid]
+    while todo:
+        top = todo.pop()
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{top}/task")]
+        except (OSError, ValueError):
+            continue  # gone
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                done += 1
+            except ProcessLookupError:
+                continue
+            try:
+                todo += [
+                    int(c) for c in Path(f"/proc/{top}/task/{tid}/children").read_text().split()
+                ]
+            except (OSError, ValueError):
+                continue
+    return done
 
 
 def kill_sandbox(proc: asyncio.subprocess.Process) -> None:

@@ -106,6 +106,7 @@ from app.runner.netproxy import (
 )
 from app.runner.pool import (
     WARM_MAX_CPU_SEC,
+    WARM_SPAWN_NICE,
     AdoptedInit,
     UidBroker,
     WarmPool,
@@ -118,6 +119,7 @@ from app.runner.pool import (
     launcher_source,
     move_output,
     remove_stale_slots,
+    renice_tree,
     when_done,
 )
 
@@ -1027,6 +1029,9 @@ class BwrapSandbox:
             procs=profile.max_procs,
         )
         cmd_prefix = [*limits.prlimit_argv(self._prlimit_path()), *self._launcher(uid)]
+        nice = shutil.which("nice", path="/usr/bin:/bin")
+        if nice is not None and _running_as_root():  # root can put it back to 0 (_run_warm)
+            cmd_prefix = [nice, "-n", str(WARM_SPAWN_NICE), *cmd_prefix]
         fds: list[int] = []
         try:
             seccomp_fd = self._seccomp_fd(network=profile.network)
@@ -1083,6 +1088,9 @@ class BwrapSandbox:
                 proxy = await self._start_proxy(
                     spec, spec.network, warm.slot / "net", warm.uid if root else None
                 )
+            # Spawned niced (background work); the spell runs at the niceness of a cold run.
+            if _running_as_root():
+                renice_tree(warm.proc.pid, 0)
             started = time.monotonic()
             if not await warm.send_job(_warm_job(spec)):
                 log.warning("a warm sandbox was dead before it took its job; trying again")

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from app.runner.netproxy import NetworkAccess
-from app.runner.pool import WarmPool, WarmProfile, reap_adopted
+from app.runner.pool import WARM_SPAWN_NICE, WarmPool, WarmProfile, reap_adopted
 from app.runner.sandbox import (
     BwrapSandbox,
     SandboxResult,
@@ -217,6 +217,7 @@ REPORT = """
         "name": __name__, "file": globals().get("__file__"), "executable": sys.executable,
         "encoding": [sys.getfilesystemencoding(), sys.stdout.encoding],
         "sockets": sockets(),
+        "nice": os.nice(0),  # a warm sandbox is spawned niced and handed its job at 0
     }))
 """
 
@@ -654,8 +655,48 @@ async def test_no_spawn_forks_the_server_with_preexec_fn(
     assert len(calls) >= 3
     for args, kwargs in calls:
         assert "preexec_fn" not in kwargs
-        assert Path(args[0]).name == "prlimit"
+        # warm spawns start niced (nice execs prlimit: still no fork in this process)
+        argv = list(args[3:]) if Path(args[0]).name == "nice" else list(args)
+        assert Path(argv[0]).name == "prlimit"
         assert kwargs["start_new_session"] is True
+
+
+def _tree_nice(pid: int) -> dict[int, int]:
+    """pid -> niceness of ``pid`` and every descendant (field 19 of /proc/PID/stat)."""
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        top = todo.pop()
+        with contextlib.suppress(OSError):
+            out[top] = int(Path(f"/proc/{top}/stat").read_text().rsplit(")", 1)[1].split()[16])
+            todo += [int(c) for c in Path(f"/proc/{top}/task/{top}/children").read_text().split()]
+    return out
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="warm spawns are niced only where 0 can be restored")
+async def test_an_idle_warm_sandbox_waits_niced_and_its_run_is_not(
+    warm: BwrapSandbox, space: Space
+) -> None:
+    """Spawning a spare is background work (nice 10), but the spell it then runs gets the
+    niceness of a cold run (0): the spell reports it from inside."""
+    space.file("main.py", "import os\nprint(os.nice(0))\n")
+    spec = space.spec([PYTHON, "-I", "-S", "main.py"])
+    pool = pool_of(warm)
+    assert await pool.prewarm(warm_profile_of(spec))
+    idle = pool.idle[0]
+    niceness = _tree_nice(idle.proc.pid)
+    assert len(niceness) >= 3  # bwrap's monitor, the namespace's init, the launcher
+    assert set(niceness.values()) == {WARM_SPAWN_NICE}
+    lines: list[str] = []
+
+    async def on_line(stream: str, line: str) -> None:
+        lines.append(line)
+
+    hits = pool.stats["hits"]
+    result = await warm.run(spec, on_line)
+    assert pool.stats["hits"] == hits + 1
+    assert result.outcome == "ok", result
+    assert lines == ["0"]
 
 
 @pytest.mark.parametrize("mode", ["cold", "warm"])
