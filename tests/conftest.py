@@ -46,16 +46,13 @@ def _pg_admin_dsn(url: str) -> tuple[str, str]:
     return base + "/postgres", base
 
 
-@pytest.fixture(scope="session")
-def pg_base_url() -> Iterator[str | None]:
-    url = os.environ.get("SPELL_TEST_DATABASE_URL")
-    if not url:
-        yield None
-        return
+def throwaway_pg_database(url: str, prefix: str) -> Iterator[str]:
+    """Create a fresh database named ``<prefix>_<hex>`` on the server of ``url``, yield its
+    url, drop it afterwards (``WITH (FORCE)``). Unreachable server: skip, or fail in CI."""
     import asyncpg
 
     admin, base = _pg_admin_dsn(url)
-    name = f"spell_test_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
 
     async def _create() -> None:
         conn = await asyncpg.connect(admin, timeout=5)
@@ -77,6 +74,25 @@ def pg_base_url() -> Iterator[str | None]:
         skip_or_fail(f"PostgreSQL at {admin} is not reachable: {e}")
     yield f"{base}/{name}"
     asyncio.run(_drop())
+
+
+def module_pg_database(pg_base_url: str | None, prefix: str) -> Iterator[str]:
+    """The session's test database when the suite runs on PostgreSQL, else a throw-away one
+    (for e2e modules that need PostgreSQL on the SQLite run too)."""
+    if pg_base_url is not None:
+        yield pg_base_url
+        return
+    url = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    yield from throwaway_pg_database(url, prefix)
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str | None]:
+    url = os.environ.get("SPELL_TEST_DATABASE_URL")
+    if not url:
+        yield None
+        return
+    yield from throwaway_pg_database(url, "spell_test")
 
 
 TABLES = (

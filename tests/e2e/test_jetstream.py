@@ -42,7 +42,7 @@ from app.store.auditlog import verify_file
 from app.web.app import Overrides, create_app
 from app.web.keys import BUS, CONSUMER, SANDBOX_STATE
 from app.worker.main import build_worker_app
-from tests.conftest import TABLES, FakeSandbox, Harness, skip_or_fail
+from tests.conftest import TABLES, FakeSandbox, Harness, module_pg_database, skip_or_fail
 
 pytestmark = pytest.mark.e2e
 
@@ -104,29 +104,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_base(pg_base_url: str | None) -> Iterator[str]:
     """A throw-away PostgreSQL database for this module's tests."""
-    if pg_base_url is not None:
-        yield pg_base_url
-        return
-    import asyncpg
-
-    url = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    base = url.rpartition("/")[0]
-    admin = base + "/postgres"
-    name = f"spell_js_{secrets.token_hex(4)}"
-
-    async def admin_sql(sql: str) -> None:
-        conn = await asyncpg.connect(admin, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        skip_or_fail(f"PostgreSQL at {admin} is not reachable: {e}")
-    yield f"{base}/{name}"
-    asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from module_pg_database(pg_base_url, "spell_js")
 
 
 @pytest.fixture

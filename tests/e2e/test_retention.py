@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,13 @@ from app.store.models import Cast, WebhookDelivery
 from app.web.app import Overrides, create_app
 from app.web.keys import INBOX
 from app.worker.retention import RETENTION, RetentionSweeper, SweeperConfig, build_sweeper
-from tests.conftest import TABLES, FakeSandbox, FrozenClock, Harness, skip_or_fail
+from tests.conftest import (
+    TABLES,
+    FakeSandbox,
+    FrozenClock,
+    Harness,
+    module_pg_database,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -44,29 +49,7 @@ DAY = 24 * 3600
 @pytest.fixture(scope="module")
 def pg_database(pg_base_url: str | None) -> Iterator[str]:
     """A throw-away PostgreSQL database for this module."""
-    if pg_base_url is not None:
-        yield pg_base_url
-        return
-    import asyncpg
-
-    url = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    base = url.rpartition("/")[0]
-    admin = base + "/postgres"
-    name = f"spell_ret_{secrets.token_hex(4)}"
-
-    async def admin_sql(sql: str) -> None:
-        conn = await asyncpg.connect(admin, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        skip_or_fail(f"PostgreSQL at {admin} is not reachable: {e}")
-    yield f"{base}/{name}"
-    asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from module_pg_database(pg_base_url, "spell_ret")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

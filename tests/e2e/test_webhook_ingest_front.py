@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from app.store.github_store import GitHubStore
 from app.web.app import Overrides, create_app
 from app.web.ingest import FRONT
 from app.web.keys import INBOX, LEDGER
-from tests.conftest import TABLES, FakeSandbox, Harness, skip_or_fail
+from tests.conftest import TABLES, FakeSandbox, Harness, module_pg_database
 from tests.contract.fake_github import FakeGitHub
 from tests.contract.test_github_flow import (
     INSTALLATION,
@@ -48,29 +47,7 @@ SECRET = "front-webhook-secret"
 
 @pytest.fixture(scope="module")
 def pg_base(pg_base_url: str | None) -> Iterator[str]:
-    if pg_base_url is not None:
-        yield pg_base_url
-        return
-    import asyncpg
-
-    url = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    base = url.rpartition("/")[0]
-    admin = base + "/postgres"
-    name = f"spell_front_{secrets.token_hex(4)}"
-
-    async def admin_sql(sql: str) -> None:
-        conn = await asyncpg.connect(admin, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin_sql(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        skip_or_fail(f"PostgreSQL at {admin} is not reachable: {e}")
-    yield f"{base}/{name}"
-    asyncio.run(admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from module_pg_database(pg_base_url, "spell_front")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
