@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import queue
 import re
 import sqlite3
@@ -36,6 +37,11 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: How long closing the PostgreSQL pool waits for checked-out connections before terminating.
+CLOSE_TIMEOUT_SEC = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,10 +405,18 @@ class PgRunner:
     async def exclusive(self) -> AsyncIterator[None]:
         yield  # PostgreSQL arbitrates writers itself
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, timeout: float = CLOSE_TIMEOUT_SEC) -> None:
+        """Close the pool; connections still checked out after ``timeout`` seconds (a task
+        cancelled mid-query, a peer that never released) are terminated instead of waited for:
+        asyncpg's graceful ``close()`` alone waits for every release, so a shutdown could
+        hang forever."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), timeout)
+            except TimeoutError:
+                log.warning("PostgreSQL pool did not close in %.0f s; terminating it", timeout)
+                pool.terminate()
 
 
 async def _pg_many(conn: Any, many: Many) -> Res:

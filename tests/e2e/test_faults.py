@@ -557,3 +557,20 @@ def test_database_unavailable_tells_outages_from_bugs(error: Any, outage: bool) 
     elif isinstance(error, str):
         error = getattr(asyncpg, error.split(".")[1])("server says so")
     assert database_unavailable(error) is outage
+
+
+async def test_closing_the_postgresql_runner_never_waits_forever_for_a_connection(
+    pg_url: str,  # noqa: F811 - fixture
+) -> None:
+    """asyncpg's graceful pool close waits for every checked-out connection; a connection that
+    is never released (a peer stuck mid-query) must not hang the shutdown: after the timeout
+    the pool is terminated."""
+    from app.store.fastsql import PgRunner
+
+    runner = PgRunner(pg_url, max_size=2)
+    pool = await runner._get_pool()
+    held = await pool.acquire()  # never released
+    assert not held.is_closed()
+    await asyncio.wait_for(runner.aclose(timeout=0.2), 60)  # a hang guard, not a stopwatch
+    assert pool._closed  # asyncpg: set by both close() and terminate()
+    assert runner._pool is None
