@@ -134,6 +134,34 @@ async def save_cards(env: c.Env, s: Any, stripe_url: str, accounts: list[str]) -
 # ---------------------------------------------------------------------------- 1. settle
 
 
+async def accept_paid_casts(
+    s: Any, url: str, maker: str, casters: list[str], count: int
+) -> list[str]:
+    """Publish the paid hello and have ``count`` casts of it accepted (16 in flight, the
+    casters taking turns); their ids."""
+    digest = await c.upload_hello(s, url, maker)
+    await c.publish_hello(s, url, maker, digest, spell_id="bench.paid", flat_cents=PRICE_CENTS)
+    sem = asyncio.Semaphore(16)
+    cast_ids: list[str] = []
+
+    async def cast(i: int) -> None:
+        async with (
+            sem,
+            s.post(
+                f"{url}/v1/spells/bench.paid:cast",
+                json={"input": {"name": f"b{i}"}},
+                headers={**c.auth(casters[i % ACCOUNTS]), "Idempotency-Key": c.idem()},
+            ) as r,
+        ):
+            body = await r.json()
+            if r.status != 202:
+                raise RuntimeError(f"cast refused: {r.status} {body}")
+            cast_ids.append(str(body["cast_id"]))
+
+    await asyncio.gather(*(cast(i) for i in range(count)))
+    return cast_ids
+
+
 async def settle_phase(backend: str, n: int, concurrency: int, stripe_url: str) -> dict[str, Any]:
     load_start = round(os.getloadavg()[0], 2)
     async with c.platform_env(backend) as env, c.session(timeout=120) as s:
@@ -150,30 +178,8 @@ async def settle_phase(backend: str, n: int, concurrency: int, stripe_url: str) 
             "--port",
             "{port}",
         ]
-        cast_ids: list[str] = []
         async with c.running_server(env, argv) as server:
-            url = server.url
-            digest = await c.upload_hello(s, url, maker)
-            await c.publish_hello(
-                s, url, maker, digest, spell_id="bench.paid", flat_cents=PRICE_CENTS
-            )
-            sem = asyncio.Semaphore(16)
-
-            async def cast(i: int) -> None:
-                async with (
-                    sem,
-                    s.post(
-                        f"{url}/v1/spells/bench.paid:cast",
-                        json={"input": {"name": f"b{i}"}},
-                        headers={**c.auth(casters[i % ACCOUNTS]), "Idempotency-Key": c.idem()},
-                    ) as r,
-                ):
-                    body = await r.json()
-                    if r.status != 202:
-                        raise RuntimeError(f"cast refused: {r.status} {body}")
-                    cast_ids.append(str(body["cast_id"]))
-
-            await asyncio.gather(*(cast(i) for i in range(n)))
+            cast_ids = await accept_paid_casts(s, server.url, maker, casters, n)
 
         clock = SystemClock()
         async with local_engine(env.settings()) as engine:
@@ -412,30 +418,8 @@ async def cpu_phase(backend: str, n: int, concurrency: int, stripe_url: str) -> 
         maker, casters = tokens[0], tokens[1:]
         await save_cards(env, s, stripe_url, accounts)
         argv = [sys.executable, str(Path(__file__).parent / "_serve_noworker.py"), "--port"]
-        cast_ids: list[str] = []
         async with c.running_server(env, [*argv, "{port}"]) as server:
-            url = server.url
-            digest = await c.upload_hello(s, url, maker)
-            await c.publish_hello(
-                s, url, maker, digest, spell_id="bench.paid", flat_cents=PRICE_CENTS
-            )
-            sem = asyncio.Semaphore(16)
-
-            async def cast(i: int) -> None:
-                async with (
-                    sem,
-                    s.post(
-                        f"{url}/v1/spells/bench.paid:cast",
-                        json={"input": {"name": f"b{i}"}},
-                        headers={**c.auth(casters[i % ACCOUNTS]), "Idempotency-Key": c.idem()},
-                    ) as r,
-                ):
-                    body = await r.json()
-                    if r.status != 202:
-                        raise RuntimeError(f"cast refused: {r.status} {body}")
-                    cast_ids.append(str(body["cast_id"]))
-
-            await asyncio.gather(*(cast(i) for i in range(3 * n)))
+            cast_ids = await accept_paid_casts(s, server.url, maker, casters, 3 * n)
 
         clock = SystemClock()
         async with local_engine(env.settings()) as engine:
