@@ -249,11 +249,6 @@ def meter_quantities(pricing: Pricing, usage: Usage) -> dict[str, int] | None:
     return out
 
 
-def usage_identifier(ref: str, meter: str) -> str:
-    """A meter event's ``identifier``: ``{cast_id}:{meter}`` (or ``{usage_id}:{meter}``)."""
-    return meter_identifier(ref, meter)
-
-
 def minute_floor(ts: int) -> int:
     """Meter event summaries take minute-aligned bounds."""
     return ts - ts % 60

@@ -206,12 +206,6 @@ def check_role(role: str) -> str:
     return role
 
 
-def pattern_matches(pattern: str, repository: str) -> bool:
-    owner, _, name = pattern.lower().partition("/")
-    r_owner, _, r_name = repository.lower().partition("/")
-    return owner == r_owner and (name == "*" or name == r_name)
-
-
 def candidate_patterns(repository: str) -> tuple[str, str]:
     """The two links that can admit ``repository``, most specific first."""
     repo = repository.lower()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,29 +47,6 @@ MAX_WALK = 200_000
 
 def lock_path(audit_path: Path) -> Path:
     return audit_path.with_name(audit_path.stem + ".drain.lock")
-
-
-def _try_lock(path: Path) -> int | None:
-    """The drain turn, or None if another drainer has it (never blocks: no thread can be
-    left holding it after its caller was cancelled)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _newest_event_ids(audit_path: Path, want: int) -> list[str]:
@@ -172,10 +148,10 @@ class AuditDrainer:
         """Drain until the outbox is empty; the number of rows done. When another drainer
         holds the turn, 0 at once (``wait=False``: it drains the rows too) or wait for it."""
         async with self._lock:
-            fd = _try_lock(self.lock_file)
+            fd = fcntl.try_lock(self.lock_file)
             while fd is None and wait:
                 await asyncio.sleep(0.01)
-                fd = _try_lock(self.lock_file)
+                fd = fcntl.try_lock(self.lock_file)
             if fd is None:
                 # another process is draining; look again soon (our rows may be newer than
                 # the batch it read)
@@ -189,7 +165,7 @@ class AuditDrainer:
                     if done < BATCH:
                         return total
             finally:
-                _unlock(fd)
+                fcntl.unlock(fd)
 
     async def _step(self) -> int:
         rows = await self.runner.run(lambda: hot.pending_audit(BATCH), atomic=False)

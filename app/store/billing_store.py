@@ -23,7 +23,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.domain.billing import (
+    METERS,
     charge_key,
+    meter_identifier,
     period_invoice_key,
     plan_collection,
     refund_amount,
@@ -736,8 +738,6 @@ class BillingStore:
         account has a metered subscription: its usage rows are recorded, reported as meter
         events) or ``charge`` (no subscription: its cost is charged per cast like a flat one).
         A redelivered job gets the decision made the first time."""
-        from app.domain.billing import usage_identifier
-
         now = self.clock.now()
         async with self.ledger.write() as s:
             row = await self._lock_customer(s, cast.caster_id)
@@ -750,7 +750,7 @@ class BillingStore:
             for meter, value in usage.items():
                 s.add(
                     BillingUsage(
-                        identifier=usage_identifier(cast.id, meter),
+                        identifier=meter_identifier(cast.id, meter),
                         account_id=cast.caster_id,
                         cast_id=cast.id,
                         meter=meter,
@@ -764,7 +764,7 @@ class BillingStore:
             if not usage:  # nothing to report, but the decision is still recorded
                 s.add(
                     BillingUsage(
-                        identifier=usage_identifier(cast.id, "casts"),
+                        identifier=meter_identifier(cast.id, "casts"),
                         account_id=cast.caster_id,
                         cast_id=cast.id,
                         meter="casts",
@@ -790,12 +790,10 @@ class BillingStore:
     ) -> list[BillingUsage]:
         """Manual usage (``POST /v1/billing/usage``) inside the caller's transaction: one row per
         meter and, when it is to be reported to Stripe, its ``billing.meter`` job."""
-        from app.domain.billing import usage_identifier
-
         now = self.clock.now()
         rows = [
             BillingUsage(
-                identifier=usage_identifier(ref, meter),
+                identifier=meter_identifier(ref, meter),
                 account_id=account_id,
                 cast_id=None,
                 meter=meter,
@@ -827,9 +825,7 @@ class BillingStore:
         if cast_id is not None:
             stmt = stmt.where(BillingUsage.cast_id == cast_id)
         if ref is not None:
-            from app.domain.billing import METERS, usage_identifier
-
-            ids = [usage_identifier(ref, m) for m in METERS]
+            ids = [meter_identifier(ref, m) for m in METERS]
             stmt = stmt.where(BillingUsage.identifier.in_(ids))
         if account_id is not None:
             stmt = stmt.where(BillingUsage.account_id == account_id)

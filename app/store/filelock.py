@@ -15,6 +15,9 @@ writer) are granted without locking, since no writer can exist on such an OS:
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from app.errors import AppError
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "UNSUPPORTED",
     "flock",
     "require_flock",
+    "try_lock",
+    "unlock",
 ]
 
 UNSUPPORTED = (
@@ -54,6 +59,30 @@ else:
         _fcntl.LOCK_UN,
     )
     flock = _fcntl.flock
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive lock on ``path`` (created 0600, its folder 0700), as an open fd to pass to
+    :func:`unlock`, or None if another process holds it. Never blocks, so it is called on the
+    event loop: a thread cannot be left holding the lock after its caller was cancelled."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        flock(fd, LOCK_EX | LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:  # e.g. UNAVAILABLE: no file locks on this OS
+        os.close(fd)
+        raise
+    return fd
+
+
+def unlock(fd: int) -> None:
+    try:
+        flock(fd, LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def require_flock() -> None:

@@ -644,15 +644,23 @@ class SqlLedger:
         async with self.reader() as s:
             return await s.get(Artifact, artifact_id)
 
-    async def claim(self, cast_id: str, *, lease_sec: float = 30.0) -> Claim | None:
+    async def claim(
+        self,
+        cast_id: str,
+        *,
+        lease_sec: float = 30.0,
+        now: datetime | None = None,
+        audit: hot.AuditOf | None = None,
+    ) -> Claim | None:
         """queued → running with a new attempt number and a lease the worker must renew.
 
         None if someone else has it or it ended. A run whose lease lapses (its worker died) is
         queued again by :meth:`reap_expired`; its old attempt can then change nothing.
+        ``audit`` makes the audit records committed with the claim (the audit outbox).
         """
-        now = self.clock.now()
+        now = now or self.clock.now()
         until = now + timedelta(seconds=lease_sec)
-        row = await self.fast.run(lambda: hot.claim(cast_id, now, until))
+        row = await self.fast.run(lambda: hot.claim(cast_id, now, until, audit))
         if row is None:
             return None
         return Claim(cast=Cast(**row), attempt=int(row["attempt"]))
@@ -669,15 +677,17 @@ class SqlLedger:
         artifact: Artifact | None = None,
         extra_event: dict[str, Any] | None = None,
         usage: dict[str, int] | None = None,
+        now: datetime | None = None,
+        audit: hot.AuditOf | None = None,
     ) -> Cast | None:
         """End a run: status, artifact, settle or release, ledger line, final event — atomically
-        (app/store/hot.py ``finish``).
+        (app/store/hot.py ``finish``), with the audit records ``audit`` makes (the outbox).
 
         Guarded by ``attempt``: a stale worker whose attempt was superseded changes nothing and
         gets ``None``. ``usage`` (meter → quantity) marks a metered cast: with Stripe billing on,
         its ``billing.usage`` job is queued in the same transaction.
         """
-        now = self.clock.now()
+        now = now or self.clock.now()
         art = None
         if artifact is not None:
             art = hot.NewArtifact(
@@ -702,6 +712,7 @@ class SqlLedger:
                 billing=billing,
                 now=now,
                 usage=usage,
+                audit=audit,
             )
         )
         return None if row is None else Cast(**row)

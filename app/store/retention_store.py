@@ -206,9 +206,6 @@ class RetentionStore:
 
     # ------------------------------------------------------------------ audit anchor
 
-    async def audit_anchor(self, log: str) -> tuple[int, str] | None:
-        return await self.ledger.audit_head(log)
-
     async def set_audit_anchor(self, log: str, seq: int, digest: str) -> None:
         """Record the retention anchor (moves forward only, like the head pointer)."""
         await self.ledger.set_audit_head(log, seq, digest)

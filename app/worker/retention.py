@@ -159,7 +159,7 @@ class RetentionSweeper:
         if dry_run:  # reads only
             yield None
             return
-        fd = await asyncio.to_thread(_try_file_lock, self.config.lock_path)
+        fd = fcntl.try_lock(self.config.lock_path)  # never blocks: no thread to leave holding it
         if fd is None:
             yield "another process of this data directory is sweeping"
             return
@@ -167,7 +167,7 @@ class RetentionSweeper:
             async with self.store.exclusive() as got:
                 yield None if got else "another process is sweeping (database lock)"
         finally:
-            await asyncio.to_thread(_unlock, fd)
+            fcntl.unlock(fd)
 
     async def _sweep(self, dry_run: bool) -> SweepCounts:
         policy = self.config.policy
@@ -333,27 +333,6 @@ RETENTION = web.AppKey("retention", RetentionSweeper)
 
 
 # ---------------------------------------------------------------------- blocking helpers
-
-
-def _try_file_lock(path: Path) -> int | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:  # e.g. UNAVAILABLE: no file locks on this OS
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _staged_files(dirs: Sequence[Path], cutoff: float) -> list[tuple[str, Path]]:

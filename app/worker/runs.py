@@ -141,7 +141,6 @@ class RunExecutor:
         """queued → running (app/store/hot.py ``claim``) with its ``cast.running`` audit
         record in the same transaction (the audit outbox)."""
         now = self.platform.clock.now()
-        until = now + timedelta(seconds=self.config.lease_sec)
 
         def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
             return [
@@ -157,11 +156,13 @@ class RunExecutor:
                 )
             ]
 
-        row = await self.ledger.fast.run(lambda: hot.claim(cast_id, now, until, audit))
-        if row is None:
+        claim = await self.ledger.claim(
+            cast_id, lease_sec=self.config.lease_sec, now=now, audit=audit
+        )
+        if claim is None:
             return None
         self.platform.kick_audit()
-        return Cast(**row)
+        return claim.cast
 
     async def execute(self, cast_id: str) -> None:
         cast = await self._claim(cast_id)
@@ -355,39 +356,24 @@ class RunExecutor:
                 )
             return rows
 
-        art = None
-        if artifact is not None:
-            art = hot.NewArtifact(
-                id=artifact.id,
-                location=artifact.location,
-                digest=artifact.digest,
-                size_bytes=artifact.size_bytes,
-                created_at=artifact.created_at,
-                expires_at=artifact.expires_at,
-            )
-        billing = self.ledger.billing_enabled
-        row = await self.ledger.fast.run(
-            lambda: hot.finish(
-                cast.id,
-                attempt,
-                succeeded=succeeded,
-                cost_cents=cost,
-                error_code=code,
-                error_message=message,
-                artifact=art,
-                extra_event=extra,
-                billing=billing,
-                now=now,
-                usage=usage,
-                audit=audit,
-            )
+        done = await self.ledger.finish(
+            cast.id,
+            attempt,
+            succeeded=succeeded,
+            cost_cents=cost,
+            error_code=code,
+            error_message=message,
+            artifact=artifact,
+            extra_event=extra,
+            usage=usage,
+            now=now,
+            audit=audit,
         )
-        if row is None:
+        if done is None:
             log.warning("cast %s attempt %d was superseded; result dropped", cast.id, attempt)
             if artifact is not None:
                 await self.platform.artifacts.delete(artifact.location)
             return
-        done = Cast(**row)
         self.platform.kick_audit()
         self.platform.hub.notify(cast.id)
         self.platform.kick_outbox()  # GitHub feedback / billing.charge rows from the finish

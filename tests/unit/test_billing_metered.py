@@ -11,11 +11,11 @@ from app.config import Settings
 from app.domain.billing import (
     METERS,
     Plan,
+    meter_identifier,
     meter_quantities,
     minute_floor,
     parse_plans,
     sla_breached,
-    usage_identifier,
 )
 from app.domain.pricing import Usage, actual_cents
 from app.domain.spells import Pricing
@@ -49,10 +49,10 @@ def test_flat_and_one_time_spells_have_no_meter_quantities() -> None:
 
 
 def test_meter_event_identifiers_and_names() -> None:
-    assert usage_identifier("c_abc", "compute_ms") == "c_abc:compute_ms"
+    assert meter_identifier("c_abc", "compute_ms") == "c_abc:compute_ms"
     assert set(METERS) == {"casts", "compute_ms", "egress_mb"}
     assert all(len(name) <= 100 for name in METERS.values())
-    assert len(usage_identifier("c_" + "f" * 24, "compute_ms")) <= 100  # Stripe's limit
+    assert len(meter_identifier("c_" + "f" * 24, "compute_ms")) <= 100  # Stripe's limit
 
 
 def test_minute_floor_aligns_summary_bounds() -> None:
