@@ -11,6 +11,7 @@ Repository links are made with the real ``spell oidc allow`` command on the same
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -788,6 +789,11 @@ def _old_python() -> str | None:
             if path and subprocess.run([path, "-c", "pass"], capture_output=True).returncode == 0:
                 return path
     return None
+
+
+def test_the_script_is_python_3_8_syntax() -> None:
+    """Always checked, whatever interpreters this machine has (the run below needs one)."""
+    ast.parse(CAST.read_text(), feature_version=(3, 8))
 
 
 async def test_the_script_runs_on_the_oldest_python_a_runner_may_have(live: Live) -> None:
