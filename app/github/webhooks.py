@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from app.errors import AppError
+
 SIGNATURE_HEADER: Final = "X-Hub-Signature-256"
 _SIGNATURE_RE: Final = re.compile(r"sha256=([0-9a-fA-F]{64})")
 _DELIVERY_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
@@ -145,6 +147,26 @@ class DeliveryHeaders:
             installation_target_id=_int_header(h, "x-github-hook-installation-target-id"),
             installation_target_type=target_type,
         )
+
+
+def check_delivery(
+    body: bytes,
+    *,
+    signature: str | None,
+    headers: Mapping[str, str],
+    secret: str | bytes | Sequence[str | bytes],
+) -> DeliveryHeaders:
+    """What every webhook endpoint checks before it stores a delivery, in this order: the
+    signature over the raw body (nothing is parsed before it), then GitHub's headers. Raises
+    ``AppError`` ``UNAUTHORIZED`` / ``VALIDATION_ERROR`` with the messages both endpoints give."""
+    try:
+        verify_signature(body, signature=signature, secret=secret)
+    except InvalidSignature as e:
+        raise AppError("UNAUTHORIZED", f"webhook signature rejected: {e.reason}") from None
+    try:
+        return DeliveryHeaders.from_headers(headers)
+    except BadDelivery as e:
+        raise AppError("VALIDATION_ERROR", f"not a GitHub delivery: {e.reason}") from None
 
 
 def _int_header(h: Mapping[str, str], name: str) -> int | None:

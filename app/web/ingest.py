@@ -48,13 +48,7 @@ from aiohttp import web
 
 from app.config import Settings
 from app.errors import AppError
-from app.github.webhooks import (
-    SIGNATURE_HEADER,
-    BadDelivery,
-    DeliveryHeaders,
-    InvalidSignature,
-    verify_signature,
-)
+from app.github.webhooks import SIGNATURE_HEADER, check_delivery
 from app.observability.metrics import Metrics
 from app.store.inbox import Inbox
 
@@ -571,20 +565,15 @@ class IngestFront:
             conn.answer(req, st, b)
             return
         try:
-            verify_signature(
-                body, signature=headers.get("x-hub-signature-256"), secret=self.secrets
+            hdr = check_delivery(
+                body,
+                signature=headers.get("x-hub-signature-256"),
+                headers=headers,
+                secret=self.secrets,
             )
-        except InvalidSignature as e:
+        except AppError as e:
             self.count_rejected()
-            st, b = error_body("UNAUTHORIZED", f"webhook signature rejected: {e.reason}")
-            conn.answer(req, st, b)
-            return
-        try:
-            hdr = DeliveryHeaders.from_headers(headers)
-        except BadDelivery as e:
-            self.count_rejected()
-            st, b = error_body("VALIDATION_ERROR", f"not a GitHub delivery: {e.reason}")
-            conn.answer(req, st, b)
+            conn.answer(req, e.status, json.dumps(e.to_body()).encode())
             return
         if hdr.event == "ping":
             conn.answer(req, 200, b'{"ok": true, "pong": "%s"}' % hdr.delivery_id.encode())

@@ -14,7 +14,7 @@ from aiohttp import web
 from sqlalchemy import text
 
 from app.errors import AppError
-from app.github.webhooks import BadDelivery, DeliveryHeaders, InvalidSignature, verify_signature
+from app.github.webhooks import check_delivery
 from app.runner.bundle import BundleError, store_bundle
 from app.web.keys import (
     BUS,
@@ -442,14 +442,12 @@ async def github_webhook(request: web.Request) -> web.Response:
             "GITHUB_WEBHOOK_SECRET); run `spell app create`",
         )
     body = await read_body(request, settings.max_webhook_bytes, "the delivery")
-    try:
-        verify_signature(body, signature=request.headers.get("X-Hub-Signature-256"), secret=secrets)
-    except InvalidSignature as e:
-        raise AppError("UNAUTHORIZED", f"webhook signature rejected: {e.reason}") from None
-    try:
-        hdr = DeliveryHeaders.from_headers(request.headers)
-    except BadDelivery as e:
-        raise AppError("VALIDATION_ERROR", f"not a GitHub delivery: {e.reason}") from None
+    hdr = check_delivery(
+        body,
+        signature=request.headers.get("X-Hub-Signature-256"),
+        headers=request.headers,
+        secret=secrets,
+    )
     if hdr.event == "ping":
         return web.json_response({"ok": True, "pong": hdr.delivery_id})
     fresh = await request.app[INBOX].accept("github", hdr.delivery_id, hdr.event, body)
