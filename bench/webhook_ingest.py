@@ -20,6 +20,8 @@ Servers, one at a time (order rotated each repetition), all on 127.0.0.1:
                 per batch, each answered 202 only after its batch committed). The load goes to
                 the front's port; the API's /healthz on its own port is only the start probe.
                 At the end its counters are read from the API's /metrics (webhook_front_*).
+  ours-front-threaded  ours-front with every batch stored through the SQLite writer thread
+                (FrontLimits.in_place_gap=None): the front before session 4, for comparison
   ours-front-pglz  (PostgreSQL only) ours-front with the delivery body's TOAST compression set
                 back to pglz (`ALTER TABLE webhook_deliveries ALTER COLUMN body SET COMPRESSION
                 pglz` in the throw-away database after start-up): the cost before migration
@@ -535,6 +537,8 @@ class Server:
                 "--front-port",
                 str(self.port),
             ]
+            if self.spec.name.endswith("-threaded"):
+                argv.append("--front-threaded")
         else:
             argv = [sys.executable, str(Path(__file__).resolve()), "--serve-ingest", *hp]
         return argv, env, ROOT
@@ -1574,6 +1578,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             specs.append(ServerSpec(name, "node", "probot"))
         elif name.startswith("ref-"):
             specs.append(ServerSpec(name, "none", "ref"))
+        elif name.endswith("-threaded"):  # an SQLite variant
+            specs.extend(ServerSpec(name, b, "ours") for b in backends if b == "sqlite")
         elif name.endswith("-pglz"):  # a PostgreSQL storage variant
             specs.extend(ServerSpec(name, b, "ours") for b in backends if b == "postgresql")
         else:
@@ -1786,7 +1792,9 @@ def _fmt(c: Any) -> str:
 # ---------------------------------------------------------------------------- entry points
 
 
-def serve_ingest(host: str, port: int, front_port: int | None = None) -> None:
+def serve_ingest(
+    host: str, port: int, front_port: int | None = None, *, threaded: bool = False
+) -> None:
     """`spell serve`'s app with the in-process worker off (pure ingest: verify+store+outbox);
     with ``front_port``, also the webhook ingest front (app/web/ingest.py) on that port."""
     from aiohttp import web
@@ -1798,6 +1806,14 @@ def serve_ingest(host: str, port: int, front_port: int | None = None) -> None:
     settings = Settings()
     if front_port is not None:
         settings = settings.model_copy(update={"webhook_port": front_port, "webhook_host": host})
+    if threaded:  # every batch through the writer thread, as before session 4
+        import functools
+
+        from app.web import ingest
+
+        ingest.FrontLimits = functools.partial(  # type: ignore[misc]
+            ingest.FrontLimits, in_place_gap=None
+        )
     configure_logging(settings.log_level)
     app = create_app(settings, overrides=Overrides(run_worker=False))
     web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=10)
@@ -1903,6 +1919,7 @@ def main() -> None:
     p.add_argument("--host", default=HOST, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--front-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--front-threaded", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--open-loop", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--body-file", help=argparse.SUPPRESS)
     p.add_argument("--sig", help=argparse.SUPPRESS)
@@ -1911,7 +1928,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.serve_ingest:
-        serve_ingest(args.host, args.port, args.front_port)
+        serve_ingest(args.host, args.port, args.front_port, threaded=args.front_threaded)
         return
     if args.serve_ref:
         serve_ref(args.serve_ref, args.host, args.port)

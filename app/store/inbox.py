@@ -40,6 +40,18 @@ class Inbox:
         now = self.clock.now()
         return await self.ledger.fast.run(lambda: hot.accept_deliveries(source, deliveries, now))
 
+    def try_accept_many_now(
+        self, source: str, deliveries: Sequence[tuple[str, str, bytes]]
+    ) -> set[str] | None:
+        """:meth:`accept_many` right here when SQLite's writer is idle (no thread hand-off;
+        see ``SqliteRunner.try_now``); ``None`` when it is not (or on PostgreSQL): then call
+        :meth:`accept_many`. A storage error is raised as from :meth:`accept_many`."""
+        now = self.clock.now()
+        done, fresh = self.ledger.fast.try_now(
+            lambda: hot.accept_deliveries(source, deliveries, now)
+        )
+        return fresh if done else None
+
     async def get(self, delivery_id: str) -> WebhookDelivery | None:
         async with self.ledger.reader() as s:
             return await s.get(WebhookDelivery, delivery_id)

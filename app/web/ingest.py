@@ -108,6 +108,12 @@ class FrontLimits:
     #: 14 KiB delivery costs ~0.17 ms of CPU to store alone, ~0.06 ms in a batch of 32)
     linger: float = 0.0005
     linger_min_batch: int = 4
+    #: at a trickle (no batch stored for this many seconds, and this one smaller than
+    #: ``linger_min_batch``), store on the event loop's thread
+    #: when SQLite's writer is idle: no thread hand-off (~0.07 ms of CPU each way here). Under
+    #: load batches go to the writer thread, which commits while the loop reads the next ones.
+    #: ``None``: always through the writer thread.
+    in_place_gap: float | None = 0.002
     #: an idle keep-alive connection is closed after this many seconds
     keepalive_timeout: float = 75.0
     #: a request whose head and body have not arrived within this many seconds: 408, closed
@@ -474,6 +480,8 @@ class IngestFront:
             "duplicates": 0,
             "rejected": 0,
             "batches": 0,
+            #: batches stored on the loop's thread (``in_place_gap``)
+            "in_place": 0,
             "store_errors": 0,
         }
         #: the Prometheus series (``/metrics`` on the API port); a private set when none is given
@@ -489,6 +497,7 @@ class IngestFront:
         self._inflight = 0
         self._scheduled = False
         self._last_batch = 0
+        self._last_flush = 0.0
         self._idle = asyncio.Event()
         self._idle.set()
         self._server: asyncio.Server | None = None
@@ -609,54 +618,59 @@ class IngestFront:
                     break
             batch, self._queue = queue[:n], queue[n:]
             self._last_batch = n
+            now = time.monotonic()
+            quiet = (
+                limits.in_place_gap is not None
+                and n < limits.linger_min_batch
+                and now - self._last_flush >= limits.in_place_gap
+            )
+            self._last_flush = now
+            if quiet and self._store_now(batch):
+                continue
             self._inflight += 1
             task = asyncio.get_running_loop().create_task(self._commit(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if not self._queue and self._inflight == 0:
+            self._idle.set()
 
-    async def _commit(self, batch: list[_Item]) -> None:
-        assert self.inbox is not None
+    @staticmethod
+    def _unique(batch: list[_Item]) -> dict[str, _Item]:
         unique: dict[str, _Item] = {}
         for item in batch:
             unique.setdefault(item.delivery_id, item)
+        return unique
+
+    def _store_now(self, batch: list[_Item]) -> bool:
+        """Store the batch on this thread if the SQLite writer is idle (a few tens of
+        microseconds; no thread hand-off, no task): True when it was stored (or failed) and
+        answered; False to commit it through the runner instead."""
+        assert self.inbox is not None
+        unique = self._unique(batch)
+        try:
+            fresh = self.inbox.try_accept_many_now(
+                SOURCE, [(i.delivery_id, i.event, i.body) for i in unique.values()]
+            )
+        except Exception:
+            self._store_failed(batch)
+            return True
+        if fresh is None:
+            return False
+        self.stats["in_place"] += 1
+        self._stored(batch, unique, fresh)
+        return True
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        assert self.inbox is not None
+        unique = self._unique(batch)
         try:
             fresh = await self.inbox.accept_many(
                 SOURCE, [(i.delivery_id, i.event, i.body) for i in unique.values()]
             )
         except Exception:
-            self.stats["store_errors"] += 1
-            self._m_error.inc(len(batch))
-            log.exception("webhook front: a batch of %d deliveries was not stored", len(batch))
-            st, b = error_body(
-                "UNAVAILABLE",
-                "the delivery could not be stored; it was not accepted (redeliver it)",
-            )
-            for item in batch:
-                item.req.conn.answer(item.req, st, b)
+            self._store_failed(batch)
         else:
-            self.stats["batches"] += 1
-            n_fresh = 0
-            for item in batch:
-                did = item.delivery_id.encode()
-                if unique.get(item.delivery_id) is item and item.delivery_id in fresh:
-                    n_fresh += 1
-                    item.req.conn.answer(
-                        item.req, 202, b'{"delivery_id": "%s", "duplicate": false}' % did
-                    )
-                else:
-                    item.req.conn.answer(
-                        item.req, 200, b'{"delivery_id": "%s", "duplicate": true}' % did
-                    )
-            self.stats["accepted"] += n_fresh
-            self.stats["duplicates"] += len(batch) - n_fresh
-            self._m_batches.inc()
-            self._m_batch_size.observe(len(batch))
-            if n_fresh:
-                self._m_accepted.inc(n_fresh)
-            if n_fresh < len(batch):
-                self._m_duplicate.inc(len(batch) - n_fresh)
-            if n_fresh:
-                self.on_fresh()
+            self._stored(batch, unique, fresh)
         finally:
             self._inflight -= 1
             if self._queue:
@@ -664,6 +678,41 @@ class IngestFront:
                     self._schedule()
             elif self._inflight == 0:
                 self._idle.set()
+
+    def _store_failed(self, batch: list[_Item]) -> None:
+        self.stats["store_errors"] += 1
+        self._m_error.inc(len(batch))
+        log.exception("webhook front: a batch of %d deliveries was not stored", len(batch))
+        st, b = error_body(
+            "UNAVAILABLE",
+            "the delivery could not be stored; it was not accepted (redeliver it)",
+        )
+        for item in batch:
+            item.req.conn.answer(item.req, st, b)
+
+    def _stored(self, batch: list[_Item], unique: dict[str, _Item], fresh: set[str]) -> None:
+        self.stats["batches"] += 1
+        n_fresh = 0
+        for item in batch:
+            did = item.delivery_id.encode()
+            if unique.get(item.delivery_id) is item and item.delivery_id in fresh:
+                n_fresh += 1
+                item.req.conn.answer(
+                    item.req, 202, b'{"delivery_id": "%s", "duplicate": false}' % did
+                )
+            else:
+                item.req.conn.answer(
+                    item.req, 200, b'{"delivery_id": "%s", "duplicate": true}' % did
+                )
+        self.stats["accepted"] += n_fresh
+        self.stats["duplicates"] += len(batch) - n_fresh
+        self._m_batches.inc()
+        self._m_batch_size.observe(len(batch))
+        if n_fresh:
+            self._m_accepted.inc(n_fresh)
+            self.on_fresh()
+        if n_fresh < len(batch):
+            self._m_duplicate.inc(len(batch) - n_fresh)
 
 
 #: the running front of an app, when ``SPELL_WEBHOOK_PORT`` is set

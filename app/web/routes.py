@@ -33,6 +33,7 @@ from app.web.keys import (
 )
 from app.web.middlewares import optional_caller, require_caller
 from app.web.openapi import openapi_document
+from app.worker.consumer import WEBHOOK_KICK_DELAY
 
 routes = web.RouteTableDef()
 
@@ -452,7 +453,7 @@ async def github_webhook(request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "pong": hdr.delivery_id})
     fresh = await request.app[INBOX].accept("github", hdr.delivery_id, hdr.event, body)
     if fresh:
-        request.app[RELAY].kick()
+        request.app[RELAY].kick(WEBHOOK_KICK_DELAY)
     return web.json_response(
         {"delivery_id": hdr.delivery_id, "duplicate": not fresh}, status=202 if fresh else 200
     )

@@ -16,6 +16,11 @@ from app.worker.runs import RunExecutor
 log = logging.getLogger("spell.worker")
 
 
+#: how soon a stored webhook delivery is relayed: its handler runs from the queue anyway, and
+#: at a steady trickle (200/s) one pass then publishes several deliveries, not one each
+WEBHOOK_KICK_DELAY = 0.02
+
+
 class OutboxRelay:
     """Publishes outbox rows (written with the cast in one transaction), then marks them sent.
 
@@ -39,8 +44,19 @@ class OutboxRelay:
         #: while publishing keeps failing, say so again at most this often (seconds)
         self.report_every = 30.0
         self._kick = asyncio.Event()
+        self._kick_later: asyncio.TimerHandle | None = None
 
-    def kick(self) -> None:
+    def kick(self, delay: float = 0.0) -> None:
+        """Relay now; with ``delay``, within that many seconds (what others kick meanwhile
+        joins the same pass: the webhook front kicks this way, so at a steady trickle of
+        deliveries one pass publishes several instead of one read + one write each)."""
+        if delay <= 0:
+            self._kick.set()
+        elif self._kick_later is None and not self._kick.is_set():
+            self._kick_later = asyncio.get_running_loop().call_later(delay, self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kick_later = None
         self._kick.set()
 
     def queue_for(self, subject: str) -> Queue:
@@ -49,8 +65,11 @@ class OutboxRelay:
                 return queue
         return self.queue
 
+    #: rows one pass reads at most; a full page means more may be waiting
+    PAGE = 100
+
     async def relay_once(self) -> int:
-        rows = await self.ledger.unsent_outbox()
+        rows = await self.ledger.unsent_outbox(self.PAGE)
         sent: list[int] = []
         try:
             for row in rows:
@@ -81,8 +100,8 @@ class OutboxRelay:
                 if failures:
                     log.info("outbox relay recovered after %d failed attempts", failures)
                     failures = 0
-                if n:
-                    continue
+                if n >= self.PAGE:
+                    continue  # a full page: more may be waiting (else a kick says so)
             except asyncio.CancelledError:
                 raise
             except Exception as e:

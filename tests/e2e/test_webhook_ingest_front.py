@@ -191,6 +191,11 @@ async def test_a_signed_delivery_is_202_and_stored_as_the_route_stores_it(
     assert (a.subject, a.sent_at) == (b.subject, b.sent_at) == ("webhook.github", None)
     assert a.payload == {"delivery_id": mine.delivery_id}
     assert b.payload == {"delivery_id": theirs.delivery_id}
+    # one delivery at a trickle: stored on the loop's thread on SQLite (no hand-off to the
+    # writer thread); PostgreSQL's driver is asynchronous, so never there
+    front = h.client.app[FRONT]  # type: ignore[index]
+    sqlite = h.settings.database_url is None
+    assert front.stats["in_place"] == (1 if sqlite else 0)
 
 
 async def test_a_duplicate_delivery_is_stored_once(quiet: Harness, fake: FakeGitHub) -> None:

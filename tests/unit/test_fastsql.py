@@ -221,3 +221,90 @@ def test_pg_many_is_one_statement_of_data_modifying_ctes() -> None:
     assert conn.calls == [
         ("WITH q0 AS (INSERT INTO a VALUES ($1)), q1 AS (UPDATE b SET x = $2) SELECT 1", (1, 2))
     ]
+
+
+async def test_try_now_runs_in_place_when_the_writer_is_idle_and_never_past_it(
+    tmp_path: Path,
+) -> None:
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    release = threading.Event()
+    here = threading.get_ident()
+    seen: list[int] = []
+
+    def where(k: str) -> Program[int]:
+        seen.append(threading.get_ident())
+        res = yield Stmt("INSERT INTO t (k, n) VALUES (?, 1)", (k,))
+        return res.rowcount
+
+    def slow() -> Program[None]:
+        yield Stmt("INSERT INTO t (k, n) VALUES ('slow', 1)")
+        release.wait(5)
+
+    try:
+        assert runner.try_now(lambda: where("a")) == (True, 1)
+        assert seen == [here]  # on the caller's thread, committed at once
+        assert [r[0] for r in _rows(path)] == ["a"]
+        with pytest.raises(sqlite3.IntegrityError):  # the program's error, rolled back
+            runner.try_now(lambda: where("a"))
+        with pytest.raises(ValueError):
+            runner.try_now(lambda: insert_then_fail("b"))
+        busy = asyncio.ensure_future(runner.run(slow))
+        await asyncio.sleep(0.05)
+        # the writer holds its transaction: nothing runs in place, nothing overtakes it
+        assert runner.try_now(lambda: where("c")) == (False, None)
+        release.set()
+        await busy
+        assert await runner.run(lambda: where("c")) == 1
+        assert seen[-1] != here  # through the writer thread
+        # another connection's exclusive turn also keeps try_now out
+        async with runner.exclusive():
+            assert runner.try_now(lambda: where("d")) == (False, None)
+        assert await runner.run(lambda: where("d")) == 1  # the thread lets go of its turn
+        assert runner.try_now(lambda: where("e")) == (True, 1)
+    finally:
+        release.set()
+        await runner.aclose()
+    assert [r[0] for r in _rows(path)] == ["a", "c", "d", "e", "slow"]
+
+
+async def test_the_writer_thread_checkpoints_the_wal_commits_in_place_never_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.store.fastsql as fastsql
+
+    monkeypatch.setattr(fastsql, "CHECKPOINT_BYTES", 64 * 1024)
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    body = "x" * 20_000
+    try:
+        for i in range(3):  # ~72 KB estimated: due after the third
+            done, _ = runner.try_now(
+                lambda i=i: (
+                    yield Stmt("INSERT INTO t (k, n, j) VALUES (?, ?, ?)", (f"k{i}", i, body))
+                )
+            )
+            assert done
+        assert runner.checkpoints == 0  # not on this thread
+        await runner.run(lambda: insert("after", 1))  # queued behind the checkpoint request
+        assert runner.checkpoints == 1
+        # the WAL's frames are in the database file now: a PASSIVE checkpoint has nothing left
+        conn = sqlite3.connect(path)
+        try:
+            busy, log_frames, done_frames = conn.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchone()
+        finally:
+            conn.close()
+        assert busy == 0 and log_frames == done_frames
+        # the writer's own batches checkpoint after the commit that makes one due
+        for i in range(4):
+            await runner.run(
+                lambda i=i: (
+                    yield Stmt("INSERT INTO t (k, n, j) VALUES (?, ?, ?)", (f"w{i}", i, body))
+                )
+            )
+        assert runner.checkpoints == 2
+    finally:
+        await runner.aclose()
+    assert len(_rows(path)) == 8

@@ -56,6 +56,24 @@ class FakeInbox:
         self.batches: list[list[str]] = []
         self.gate: asyncio.Event | None = None
         self.fail = False
+        #: answer try_accept_many_now (SQLite's idle writer) instead of deferring to accept_many
+        self.in_place = False
+        self.in_place_batches: list[list[str]] = []
+
+    def try_accept_many_now(
+        self, source: str, deliveries: list[tuple[str, str, bytes]]
+    ) -> set[str] | None:
+        if not self.in_place:
+            return None
+        self.in_place_batches.append([d for d, _e, _b in deliveries])
+        if self.fail:
+            raise RuntimeError("disk full")
+        fresh = set()
+        for d, e, b in deliveries:
+            if d not in self.stored:
+                self.stored[d] = (e, b)
+                fresh.add(d)
+        return fresh
 
     async def accept_many(self, source: str, deliveries: list[tuple[str, str, bytes]]) -> set[str]:
         assert source == "github"
@@ -338,6 +356,39 @@ async def test_storage_failure_is_503_in_the_error_shape() -> None:
     [(status, _h, body)] = responses(t.written)
     assert status == 503 and json.loads(body)["error"]["code"] == "UNAVAILABLE"
     assert b"disk full" not in body and front.stats["store_errors"] == 1
+
+
+async def test_at_a_trickle_deliveries_are_stored_in_place_and_answered_at_once() -> None:
+    inbox = FakeInbox()
+    inbox.in_place = True
+    front, conn, t, _ = make(inbox, in_place_gap=0.0)  # every small batch counts as quiet
+    conn.data_received(request("i-1"))
+    await settle()
+    conn.data_received(request("i-1"))  # the same delivery again: a duplicate, in place too
+    await settle()
+    got = responses(t.written)
+    assert [g[0] for g in got] == [202, 200]
+    assert inbox.in_place_batches == [["i-1"], ["i-1"]] and inbox.batches == []
+    assert front.stats["in_place"] == 2 and front.stats["accepted"] == 1
+    # a failure in place is the same 503 as through the writer
+    inbox.fail = True
+    conn.data_received(request("i-2"))
+    await settle()
+    status, _h, body = responses(t.written)[-1]
+    assert status == 503 and json.loads(body)["error"]["code"] == "UNAVAILABLE"
+    assert front.stats["store_errors"] == 1
+
+
+async def test_a_burst_goes_through_the_writer_in_one_batch() -> None:
+    inbox = FakeInbox()
+    inbox.in_place = True
+    front, conn, t, _ = make(inbox, in_place_gap=0.0)
+    # read in one loop iteration: a batch of 6 >= linger_min_batch, so not stored in place
+    conn.data_received(b"".join(request(f"b-{i}") for i in range(6)))
+    await settle()
+    assert [g[0] for g in responses(t.written)] == [202] * 6
+    assert inbox.batches == [[f"b-{i}" for i in range(6)]] and inbox.in_place_batches == []
+    assert front.stats["in_place"] == 0
 
 
 async def test_not_configured_is_503() -> None:
