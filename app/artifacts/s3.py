@@ -59,6 +59,9 @@ MAX_PARTS = 10_000
 MAX_PRESIGN_SEC = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 SSE_MODES = ("AES256", "aws:kms", "off")
 _UPLOAD_CONCURRENCY = 4
+#: bodies larger than this are hashed in a thread, not on the event loop (hashlib lets go of the
+#: GIL while it hashes, so the loop keeps serving; smaller ones are not worth the hand-off)
+INLINE_HASH_MAX = 256 * 1024
 _CACHE_MAX_AGE = 3600.0  # downloaded copies older than this are removed
 _READY_CACHE_SEC = 10.0
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -424,7 +427,7 @@ class S3ArtifactStore:
             with os.fdopen(fd, "wb") as fh:
                 async with resp["Body"] as stream:
                     while chunk := await stream.read(1024 * 1024):
-                        hasher.update(chunk)
+                        await _update(hasher, chunk)
                         await asyncio.to_thread(fh.write, chunk)
             actual = hasher.hexdigest()
             if actual != expected:
@@ -517,7 +520,7 @@ class S3ArtifactStore:
 
     async def _put_single(self, key: str, src: Path, hexd: str, content_type: str) -> None:
         data = await asyncio.to_thread(src.read_bytes)
-        raw = hashlib.sha256(data).digest()
+        raw = await _sha256(data)
         if raw.hex() != hexd:
             raise _local_mismatch(src)
         await self.client.put_object(
@@ -550,7 +553,7 @@ class S3ArtifactStore:
 
         async def send(number: int, chunk: bytes) -> None:
             try:
-                raw = hashlib.sha256(chunk).digest()
+                raw = await _sha256(chunk)
                 resp = await self.client.upload_part(
                     Bucket=cfg.bucket,
                     Key=key,
@@ -577,7 +580,7 @@ class S3ArtifactStore:
                         slots.release()
                         break
                     number += 1
-                    whole.update(chunk)
+                    await _update(whole, chunk)
                     tasks.append(asyncio.create_task(send(number, chunk)))
                     if any(t.done() and t.exception() is not None for t in tasks):
                         break
@@ -688,6 +691,25 @@ def _local_mismatch(src: Path) -> AppError:
         f"the file {src.name} changed before it was stored (its sha256 is not the one "
         "recorded); nothing was uploaded",
     )
+
+
+def _sha256_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+async def _sha256(data: bytes) -> bytes:
+    """The SHA-256 of ``data``: above :data:`INLINE_HASH_MAX` bytes in a thread."""
+    if len(data) <= INLINE_HASH_MAX:
+        return _sha256_digest(data)
+    return await asyncio.to_thread(_sha256_digest, data)
+
+
+async def _update(hasher: Any, data: bytes) -> None:
+    """``hasher.update(data)``: above :data:`INLINE_HASH_MAX` bytes in a thread."""
+    if len(data) <= INLINE_HASH_MAX:
+        hasher.update(data)
+    else:
+        await asyncio.to_thread(hasher.update, data)
 
 
 def _sha256_file(path: Path) -> str:

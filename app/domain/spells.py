@@ -171,6 +171,19 @@ def parse_network_target(entry: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def format_network_target(host: str, port: int) -> str:
+    """The canonical ``host:port`` of a parsed target (IPv6 in brackets): how allow-list
+    entries are stored and compared, and how a refused target is shown."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def canonical_network_target(entry: str) -> str:
+    """``entry`` in its canonical form: ``API.Example.COM.:443`` → ``api.example.com:443``,
+    ``[2606:4700:0::1]:443`` → ``[2606:4700::1]:443``; ValueError if bad (see
+    :func:`parse_network_target`)."""
+    return format_network_target(*parse_network_target(entry))
+
+
 def network_target_problem(entry: str) -> str | None:
     """Why ``entry`` may not be in ``network.allow``, or None (see :func:`parse_network_target`;
     IP literals must also be public addresses)."""
@@ -206,8 +219,7 @@ class NetworkPolicy(_Strict):
             problem = network_target_problem(entry)
             if problem is not None:
                 raise ValueError(f"network.allow[{i}] {entry!r}: {problem}")
-            host, port = parse_network_target(entry)
-            canonical = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            canonical = canonical_network_target(entry)
             if canonical not in out:
                 out.append(canonical)
         return out

@@ -76,7 +76,12 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from app.domain.spells import address_refusal, parse_network_target
+from app.domain.spells import (
+    address_refusal,
+    canonical_network_target,
+    format_network_target,
+    parse_network_target,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -161,10 +166,6 @@ def proxy_env() -> dict[str, str]:
     }
 
 
-def _target_key(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True)
 class NetworkAccess:
     """What one run may reach: exact ``host:port`` entries (see
@@ -179,14 +180,12 @@ class NetworkAccess:
             raise ValueError("network access needs at least one host:port")
         if self.max_bytes <= 0:
             raise ValueError("max_bytes must be > 0")
-        keys = set()
-        for entry in self.allow:
-            host, port = parse_network_target(entry)  # ValueError on a bad entry
-            keys.add(_target_key(host, port))
-        object.__setattr__(self, "targets", frozenset(keys))
+        # ValueError on a bad entry
+        keys = frozenset(canonical_network_target(entry) for entry in self.allow)
+        object.__setattr__(self, "targets", keys)
 
     def allows(self, host: str, port: int) -> bool:
-        return _target_key(host, port) in self.targets
+        return format_network_target(host, port) in self.targets
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -401,7 +400,7 @@ class NetProxy:
         except ValueError as exc:
             self._refuse(target, f"not host:port ({exc})")
             raise _Refused(400, f"CONNECT needs host:port: {exc}") from None
-        shown = _target_key(host, port)
+        shown = format_network_target(host, port)
         if not self.access.allows(host, port):
             self._refuse(shown, "not on the allow-list")
             raise _Refused(403, f"{shown} is not on this spell's network allow-list")

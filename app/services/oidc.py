@@ -4,9 +4,10 @@ repository to an account through the operator's links, and issue a short-lived p
 ``POST /v1/oidc/token`` ``{"token": "<jwt>"}`` → ``{"token", "token_type", "expires_in",
 "expires_at", "account", "role", "repository"}``. The claim checks are pure
 (:mod:`app.domain.oidc`); here are the I/O parts: the JWKS (fetched with aiohttp, cached for a
-TTL, fetched again — at most every few seconds — when a token names a key id the cache does not
-know, so a key rotation is picked up at once), the signature check (PyJWT, RS256 only), the link
-lookup, the token and the audit record (actor = the repository; never the token).
+TTL, fetched again — at most once per :data:`MIN_REFETCH_S`, failed attempts included — when a
+token names a key id the cache does not know, so a key rotation is picked up quickly), the
+signature check (PyJWT, RS256 only), the link lookup, the token and the audit record (actor =
+the repository; never the token).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ log = logging.getLogger("spell.oidc")
 
 #: Largest JWKS document read (GitHub's is ~2 KB).
 MAX_JWKS_BYTES = 256 * 1024
+#: The issuer's JWKS is requested at most once per this many seconds, whether the last attempt
+#: succeeded (a token naming an unknown key id) or failed (the issuer is down).
+MIN_REFETCH_S = 30.0
 
 
 class JwksUnavailable(Exception):
@@ -53,17 +57,21 @@ class KeySource(Protocol):
 
 
 class JwksClient:
-    """The issuer's signing keys by ``kid``: cached ``ttl`` seconds; an unknown ``kid`` fetches
-    the set again, unless it was fetched less than ``min_refetch`` seconds ago (a flood of
-    tokens with made-up key ids must not become a flood of requests to the issuer). While the
-    issuer cannot be reached, keys fetched less than ``max_stale`` seconds ago still verify."""
+    """The issuer's signing keys by ``kid``, cached ``ttl`` seconds.
+
+    The issuer is asked at most once per ``min_refetch`` seconds, whatever happens: an unknown
+    ``kid`` fetches the set again only if the last attempt is older than that (a flood of tokens
+    with made-up key ids must not become a flood of requests to the issuer), and a failed
+    attempt counts as an attempt (while the issuer cannot be reached, every sign-in must not
+    become one more request to it). In between, keys fetched less than ``max_stale`` seconds ago
+    still verify; without them the answer is :class:`JwksUnavailable` (503 ``UNAVAILABLE``)."""
 
     def __init__(
         self,
         url: str,
         *,
         ttl: float = 600.0,
-        min_refetch: float = 10.0,
+        min_refetch: float = MIN_REFETCH_S,
         max_stale: float = 86400.0,
         timeout: float = 10.0,
         monotonic: Callable[[], float] = time.monotonic,
@@ -75,7 +83,9 @@ class JwksClient:
         self.timeout = timeout
         self._now = monotonic
         self._keys: dict[str, RSAPublicKey] = {}
-        self._fetched_at: float | None = None
+        self._fetched_at: float | None = None  # the last successful fetch
+        self._attempted_at: float | None = None  # the last fetch, successful or not
+        self._failure: str | None = None  # why the last attempt failed (None: it did not)
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self.fetches = 0  # how many times the set was fetched (metrics, tests)
@@ -88,29 +98,41 @@ class JwksClient:
     def _fresh(self) -> bool:
         return self._fetched_at is not None and self._now() - self._fetched_at < self.ttl
 
+    def _may_fetch(self) -> bool:
+        return self._attempted_at is None or self._now() - self._attempted_at >= self.min_refetch
+
     async def key(self, kid: str) -> RSAPublicKey | None:
         if self._fresh() and kid in self._keys:
             return self._keys[kid]
         async with self._lock:
-            if kid in self._keys and self._fresh():
+            if self._fresh() and kid in self._keys:
                 return self._keys[kid]  # another request fetched it meanwhile
-            recently = (
-                self._fetched_at is not None and self._now() - self._fetched_at < self.min_refetch
-            )
-            if not (recently and self._fresh()):
+            if self._may_fetch():
+                self._attempted_at = self._now()
                 try:
-                    self._keys = await self._fetch()
-                except JwksUnavailable:
-                    stale_ok = (
-                        self._fetched_at is not None
-                        and self._now() - self._fetched_at < self.max_stale
+                    keys = await self._fetch()
+                except JwksUnavailable as e:
+                    self._failure = str(e)
+                    log.warning(  # once per attempt, not once per sign-in
+                        "JWKS fetch failed (%s); the keys fetched before still verify for up "
+                        "to %.0f s; next attempt in %.0f s",
+                        e,
+                        self.max_stale,
+                        self.min_refetch,
                     )
-                    if kid in self._keys and stale_ok:  # the issuer is down: keep its last keys
-                        log.warning("JWKS refresh failed; using the cached key %s", kid[:64])
-                        return self._keys[kid]
-                    raise
-                self._fetched_at = self._now()
-            return self._keys.get(kid)
+                else:
+                    self._keys, self._failure = keys, None
+                    self._fetched_at = self._now()
+                    return self._keys.get(kid)
+            stale_ok = (
+                self._fetched_at is not None and self._now() - self._fetched_at < self.max_stale
+            )
+            if kid in self._keys and stale_ok:  # the issuer is down: keep its last keys
+                return self._keys[kid]
+            if self._failure is not None:
+                raise JwksUnavailable(self._failure)
+            # fetched less than min_refetch ago, and the issuer does not publish this kid
+            return None
 
     async def _fetch(self) -> dict[str, RSAPublicKey]:
         if self._session is None:

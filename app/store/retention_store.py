@@ -23,7 +23,18 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, case, delete, func, null, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    case,
+    delete,
+    func,
+    null,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 
 from app.domain.casts import TERMINAL
 from app.store.ledger import SqlLedger
@@ -196,13 +207,29 @@ class RetentionStore:
     # ------------------------------------------------------------------ idempotency keys
 
     async def purge_idempotency(self, now: datetime, *, dry_run: bool = False) -> int:
-        """Delete Idempotency-Key rows (and their stored answers) expired by ``now``."""
+        """Delete Idempotency-Key rows (and their stored answers) expired by ``now``, at most
+        ``batch`` per transaction (a backlog never holds the writer for long); the count."""
         where = IdempotencyKey.expires_at <= now
         if dry_run:
             return await self._count(select(func.count()).select_from(IdempotencyKey).where(where))
-        async with self.ledger.write() as s:
-            res = await s.execute(delete(IdempotencyKey).where(where))
-            return int(res.rowcount)  # type: ignore[attr-defined]
+        pk = tuple_(IdempotencyKey.principal_id, IdempotencyKey.key)
+        total = 0
+        while True:
+            due = (
+                select(IdempotencyKey.principal_id, IdempotencyKey.key)
+                .where(where)
+                .limit(self.batch)
+            )
+            async with self.ledger.write() as s:
+                res = await s.execute(
+                    delete(IdempotencyKey)
+                    .where(pk.in_(due), where)
+                    .execution_options(synchronize_session=False)
+                )
+            n = int(res.rowcount)  # type: ignore[attr-defined]
+            total += n
+            if n < self.batch:
+                return total
 
     # ------------------------------------------------------------------ audit anchor
 

@@ -68,7 +68,14 @@ from app.web.keys import (
 from app.web.middlewares import authenticate_and_limit, envelope
 from app.web.oidc_routes import setup_oidc
 from app.web.routes import routes
-from app.worker.consumer import JobConsumer, JobHandler, LeaseReaper, OutboxRelay, RunConsumer
+from app.worker.consumer import (
+    WEBHOOK_KICK_DELAY,
+    JobConsumer,
+    JobHandler,
+    LeaseReaper,
+    OutboxRelay,
+    RunConsumer,
+)
 from app.worker.retention import RETENTION, build_sweeper
 from app.worker.runs import RunExecutor, RunnerConfig, sandbox_work_dir
 
@@ -242,7 +249,7 @@ def _platform_ctx(
         state = app[SANDBOX_STATE]
         sandbox: Sandbox | None = None
         if runs or bus is None:
-            sandbox = await _sandbox(settings, ov, state)
+            sandbox = await _sandbox(settings, ov, state, runs=concurrency if runs else 0)
         else:  # casts are run by `spell worker` processes, each probing its own sandbox
             state.update(ready=True, reason=None, name="remote (spell worker)")
         if not runs and bus is None and ov.run_worker:
@@ -429,7 +436,7 @@ def _platform_ctx(
                 front = await start_front(
                     settings,
                     inbox,
-                    on_fresh=relay.kick,
+                    on_fresh=lambda: relay.kick(WEBHOOK_KICK_DELAY),
                     github_ready=gh_service is not None,
                     metrics=app[METRICS],
                 )
@@ -470,13 +477,18 @@ def _platform_ctx(
     return ctx
 
 
-async def _sandbox(settings: Settings, ov: Overrides, state: dict[str, Any]) -> Sandbox | None:
-    """Probe the sandbox once at start; service runs are refused (fail closed) if it fails."""
+async def _sandbox(
+    settings: Settings, ov: Overrides, state: dict[str, Any], *, runs: int
+) -> Sandbox | None:
+    """Probe the sandbox once at start; service runs are refused (fail closed) if it fails.
+
+    ``runs``: how many casts this process runs at once (``spell worker --concurrency``, else
+    ``SPELL_WORKERS``; 0 when it runs none), each in a sandbox of its own."""
     warm = settings.sandbox_warm if ov.run_worker else 0
     if ov.sandbox is None and not settings.unsafe_no_sandbox:
         problem = process_budget_error(
             warm=warm,
-            workers=settings.workers if ov.run_worker else 0,
+            workers=runs if ov.run_worker else 0,
             uid_pool=settings.uid_pool(),
         )
         if problem is not None:  # fail closed with the reason (503 + /readyz), as below

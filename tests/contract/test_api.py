@@ -441,3 +441,17 @@ async def test_sandbox_settings_that_would_starve_spells_of_processes_fail_close
     ready = await client.get("/readyz")
     assert ready.status == 503
     assert "SPELL_SANDBOX_UID_POOL" in (await ready.json())["checks"]["sandbox"]
+
+
+async def test_the_process_budget_counts_the_concurrency_the_process_runs_with(
+    aiohttp_client: Any, settings: Any
+) -> None:
+    from app.web.app import Overrides, create_app
+
+    # `spell worker --concurrency 20` with SPELL_WORKERS=1: 20 running sandboxes on one uid
+    few = settings.model_copy(update={"sandbox_warm": 0, "workers": 1})
+    app = create_app(few, overrides=Overrides(run_worker=True), concurrency=20)
+    client = await aiohttp_client(app)
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "SPELL_SANDBOX_UID_POOL" in (await ready.json())["checks"]["sandbox"]

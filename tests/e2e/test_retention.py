@@ -12,12 +12,13 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from app.artifacts.local import LocalArtifactStore
 from app.config import Settings
@@ -26,7 +27,8 @@ from app.services.ports import ArtifactStore
 from app.store.auditlog import list_segments, read_anchor, remove_segment, segment_bounds
 from app.store.db import make_engine
 from app.store.ledger import SqlLedger
-from app.store.models import Cast, WebhookDelivery
+from app.store.models import Cast, IdempotencyKey, WebhookDelivery
+from app.store.retention_store import RetentionStore
 from app.web.app import Overrides, create_app
 from app.web.keys import INBOX
 from app.worker.retention import RETENTION, RetentionSweeper, SweeperConfig, build_sweeper
@@ -345,6 +347,45 @@ async def test_a_forged_anchor_fails_verification(world: World) -> None:
     result = await asyncio.to_thread(_cli, world.h.settings, "audit", "verify")
     assert result.exit_code == 1
     assert "records were removed outside a retention sweep" in result.output
+
+
+# ---------------------------------------------------------------------------- idempotency keys
+
+
+async def test_expired_idempotency_keys_go_in_bounded_chunks(world: World) -> None:
+    now = world.clock.now()
+    async with world.ledger.write() as s:
+        for i in range(10):  # 7 expired, 3 still answering retries
+            s.add(
+                IdempotencyKey(
+                    principal_id=f"p{i % 2}",
+                    key=f"k{i}",
+                    request_hash="0" * 64,
+                    response_status=202,
+                    response_body={"cast_id": f"c{i}"},
+                    created_at=now - timedelta(days=2),
+                    expires_at=now - timedelta(seconds=1) if i < 7 else now + timedelta(hours=1),
+                )
+            )
+    deletes: list[int] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM IDEMPOTENCY_KEYS"):
+            deletes.append(cursor.rowcount)
+
+    engine = world.ledger.engine.sync_engine
+    event.listen(engine, "after_cursor_execute", count)
+    try:
+        store = RetentionStore(world.ledger, batch=3)
+        assert await store.purge_idempotency(now, dry_run=True) == 7
+        assert deletes == []
+        assert await store.purge_idempotency(now) == 7
+    finally:
+        event.remove(engine, "after_cursor_execute", count)
+    assert deletes == [3, 3, 1]  # one statement (and transaction) per chunk, until fewer
+    async with world.ledger.reader() as s:
+        left = (await s.scalars(select(IdempotencyKey.key).order_by(IdempotencyKey.key))).all()
+    assert left == ["k7", "k8", "k9"]
 
 
 # ---------------------------------------------------------------------------- dry run, CLI

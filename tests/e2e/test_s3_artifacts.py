@@ -19,6 +19,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ import pytest
 from aiobotocore.session import get_session
 
 from app.artifacts import open_object_store, route_artifacts
+from app.artifacts import s3 as s3_module
 from app.artifacts.local import LocalArtifactStore
 from app.artifacts.s3 import MIN_PART_SIZE, ArtifactCorrupt, S3ArtifactStore, S3Config
 from app.config import Settings
@@ -238,6 +240,30 @@ async def test_put_then_presigned_download_gives_the_exact_bytes(
     # the verified read path gives the same bytes
     path = await store.open_path(location)
     assert path.read_bytes() == data
+
+
+async def test_a_large_body_is_hashed_off_the_event_loop(
+    store: S3ArtifactStore, s3: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[tuple[int, bool]] = []  # (size, on the event loop's thread)
+    loop_thread = threading.get_ident()
+    real = s3_module._sha256_digest
+
+    def spy(data: bytes) -> bytes:
+        hashed.append((len(data), threading.get_ident() == loop_thread))
+        return real(data)
+
+    monkeypatch.setattr(s3_module, "_sha256_digest", spy)
+    big, big_data, big_digest = _file(tmp_path, s3_module.INLINE_HASH_MAX + 1, "big.zip")
+    small, _, small_digest = _file(tmp_path, 1000, "small.zip")
+    location = await store.put("a_large", big, digest=big_digest)
+    await store.put("a_small", small, digest=small_digest)
+    assert hashed == [(len(big_data), False), (1000, True)]  # the large one in a thread
+    head = await s3.head_object(
+        Bucket=bucket, Key="spell/artifacts/a_large.zip", ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(big_data).digest()).decode()
+    assert (await store.open_path(location)).read_bytes() == big_data
 
 
 async def test_put_is_idempotent_per_artifact_id_and_never_replaces_another_digest(

@@ -15,6 +15,7 @@ from app.domain.spells import (
     MAX_NETWORK_ALLOW,
     SpellDocument,
     address_refusal,
+    canonical_network_target,
     network_target_problem,
     parse_network_target,
 )
@@ -50,6 +51,28 @@ def test_good_entries_parse_to_a_canonical_host_and_port(
     entry: str, parsed: tuple[str, int]
 ) -> None:
     assert parse_network_target(entry) == parsed
+
+
+@pytest.mark.parametrize(
+    ("entry", "canonical"),
+    [
+        ("API.Example.COM:443", "api.example.com:443"),  # case
+        ("api.example.com.:8443", "api.example.com:8443"),  # trailing dot
+        ("93.184.215.14:443", "93.184.215.14:443"),
+        ("[2606:4700:4700:0::1111]:443", "[2606:4700:4700::1111]:443"),  # brackets, compressed
+        ("[2606:4700:4700:0:0:0:0:1111]:443", "[2606:4700:4700::1111]:443"),
+    ],
+)
+def test_the_canonical_form_is_the_one_the_spell_and_the_proxy_use(
+    entry: str, canonical: str
+) -> None:
+    assert canonical_network_target(entry) == canonical
+    # the spell document stores it, the proxy's allow-list is made of it and shows it
+    network = SpellDocument.model_validate(_doc({"allow": [entry, canonical]})).execution.network
+    assert network is not None and network.allow == [canonical]
+    access = NetworkAccess(allow=(entry,))
+    assert access.targets == {canonical}
+    assert access.allows(*parse_network_target(canonical))
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,14 @@
-"""The pure part of OIDC sign-in (app/domain/oidc.py): header, claims, links, lifetimes."""
+"""The pure part of OIDC sign-in (app/domain/oidc.py): header, claims, links, lifetimes; and the
+issuer's key cache (app/services/oidc.py), with a fake clock and a fake issuer."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from app.domain.oidc import (
     GITHUB_ISSUER,
@@ -20,6 +24,7 @@ from app.domain.oidc import (
     pick_link,
     platform_ttl,
 )
+from app.services.oidc import MIN_REFETCH_S, JwksClient, JwksUnavailable
 
 NOW = 1_800_000_000
 AUD = "spell-platform"
@@ -227,3 +232,116 @@ def test_the_platform_token_lives_as_long_as_the_oidc_token_at_most_an_hour() ->
 def test_a_token_inside_the_leeway_gets_at_most_the_leeway() -> None:
     ttl = platform_ttl(NOW - 10, NOW)
     assert 1 <= ttl <= LEEWAY_S
+
+
+# ------------------------------------------------------------------------ the issuer's keys
+
+TTL = 600.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeIssuer(JwksClient):
+    """A :class:`JwksClient` whose issuer is in memory: ``published`` keys, or down."""
+
+    def __init__(self, clock: FakeClock, **kwargs: Any) -> None:
+        super().__init__("https://issuer.invalid/jwks", ttl=TTL, monotonic=clock, **kwargs)
+        self.up = True
+        self.published: dict[str, RSAPublicKey] = {}
+        self.calls = 0
+
+    async def _fetch(self) -> dict[str, RSAPublicKey]:
+        self.calls += 1
+        if not self.up:
+            raise JwksUnavailable(f"{self.url} cannot be reached: ClientConnectorError")
+        return dict(self.published)
+
+
+@pytest.fixture(scope="module")
+def public_key() -> RSAPublicKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+
+
+async def test_a_down_issuer_is_asked_once_per_interval_and_its_last_keys_still_verify(
+    public_key: RSAPublicKey,
+) -> None:
+    clock = FakeClock()
+    jwks = FakeIssuer(clock)
+    jwks.published = {"k1": public_key}
+    assert await jwks.key("k1") is public_key
+    assert jwks.calls == 1
+    clock.advance(TTL + 1)  # the cache is stale
+    jwks.up = False
+    for _ in range(50):
+        assert await jwks.key("k1") is public_key  # kept while the issuer is down
+    assert jwks.calls == 2  # one attempt, not fifty
+    clock.advance(MIN_REFETCH_S - 1)
+    assert await jwks.key("k1") is public_key
+    assert jwks.calls == 2
+    clock.advance(1)
+    assert await jwks.key("k1") is public_key
+    assert jwks.calls == 3
+    jwks.max_stale = clock.t - 1000.0  # the keys are now too old to trust
+    with pytest.raises(JwksUnavailable, match="cannot be reached"):
+        await jwks.key("k1")
+    assert jwks.calls == 3
+
+
+async def test_without_keys_a_down_issuer_is_unavailable_between_attempts(
+    public_key: RSAPublicKey,
+) -> None:
+    clock = FakeClock()
+    jwks = FakeIssuer(clock)
+    jwks.up = False
+    for _ in range(20):
+        with pytest.raises(JwksUnavailable, match="cannot be reached"):
+            await jwks.key("k1")
+    assert jwks.calls == 1
+    clock.advance(MIN_REFETCH_S)
+    with pytest.raises(JwksUnavailable):
+        await jwks.key("k1")
+    assert jwks.calls == 2
+    jwks.up = True
+    jwks.published = {"k1": public_key}
+    with pytest.raises(JwksUnavailable):  # back up, but within the interval: no new attempt
+        await jwks.key("k1")
+    assert jwks.calls == 2
+    clock.advance(MIN_REFETCH_S)
+    assert await jwks.key("k1") is public_key  # back up: fetched at the next attempt
+    assert jwks.calls == 3
+
+
+async def test_unknown_key_ids_refetch_at_most_once_per_interval(
+    public_key: RSAPublicKey,
+) -> None:
+    clock = FakeClock()
+    jwks = FakeIssuer(clock)
+    jwks.published = {"k1": public_key}
+    assert await jwks.key("k1") is public_key
+    for _ in range(6):  # 6 times 15 s of tokens with made-up key ids: 3 fetches
+        clock.advance(MIN_REFETCH_S / 2)
+        for _ in range(20):
+            assert await jwks.key(secrets.token_hex(8)) is None
+    assert jwks.calls == 1 + 3
+    # a rotation is picked up at the next allowed fetch
+    clock.advance(MIN_REFETCH_S)
+    jwks.published = {"k1": public_key, "k2": public_key}
+    assert await jwks.key("k2") is public_key
+    assert jwks.calls == 5
+    # made-up key ids while the issuer is down: still one attempt per interval
+    jwks.up = False
+    clock.advance(MIN_REFETCH_S)
+    for _ in range(20):
+        with pytest.raises(JwksUnavailable):
+            await jwks.key(secrets.token_hex(8))
+        assert await jwks.key("k1") is public_key  # known keys still verify meanwhile
+    assert jwks.calls == 6
