@@ -10,7 +10,10 @@ Every value reaches this script through environment variables set by ``action.ym
     SPELL_ACTION_SPELL            spell id, optionally ``id@version`` (required)
     SPELL_ACTION_INPUT            the cast input, one JSON object (default ``{}``)
     SPELL_ACTION_MODE             ``service`` | ``workflow`` (default: the spell's own)
-    SPELL_ACTION_API_URL          the platform's base URL (default: ``SPELL_API_URL``)
+    SPELL_ACTION_API_URL          the platform's base URL (default: ``SPELL_API_URL``, then
+                                  ``SPELL_ACTION_DEFAULT_API_URL``)
+    SPELL_ACTION_DEFAULT_API_URL  the platform's public URL stamped into released tags of
+                                  ``action.yml`` by ``stamp.py`` (empty in the source tree)
     SPELL_ACTION_TOKEN            a platform bearer token; empty: sign in with GitHub OIDC
     SPELL_ACTION_AUDIENCE         the OIDC audience the platform expects (``spell-platform``)
     SPELL_ACTION_IDEMPOTENCY_KEY  default: derived from the run, attempt, job, step and request
@@ -137,8 +140,12 @@ class Inputs:
         if mode and mode not in MODES:
             raise usage_error(f"`mode` must be one of {', '.join(MODES)} (or empty), not {mode!r}")
         self.mode = mode or None
+        # The caller's `api-url`, then the caller's SPELL_API_URL, then the URL stamped into a
+        # released action.yml: an explicit choice of the workflow's author beats the default.
         api_url = (
-            env.get("SPELL_ACTION_API_URL", "").strip() or env.get("SPELL_API_URL", "").strip()
+            env.get("SPELL_ACTION_API_URL", "").strip()
+            or env.get("SPELL_API_URL", "").strip()
+            or env.get("SPELL_ACTION_DEFAULT_API_URL", "").strip()
         )
         self.api_url = check_api_url(api_url)
         self.token = env.get("SPELL_ACTION_TOKEN", "").strip()
@@ -203,7 +210,8 @@ def check_api_url(url: str) -> str:
     if not url:
         raise usage_error(
             "no platform URL: set the `api-url` input (or SPELL_API_URL in the job's env), "
-            "e.g. api-url: https://spells.example.com"
+            "e.g. api-url: https://spells.example.com; only released tags of the action "
+            "(e.g. @v1) carry the platform's public URL as their default"
         )
     parsed = urllib.parse.urlsplit(url)
     host = (parsed.hostname or "").lower()

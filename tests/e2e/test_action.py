@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -30,6 +31,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 CAST = REPO / "actions" / "cast" / "cast.py"
+STAMP = REPO / "actions" / "cast" / "stamp.py"
 AUDIENCE = "spell-platform"
 REQUEST_TOKEN = "runner-request-" + secrets.token_hex(8)
 REPOSITORY = "Octo-Org/Deploy"
@@ -607,6 +610,159 @@ async def test_bad_inputs_exit_2_without_calling_the_platform(live: Live) -> Non
         assert run.outputs["error-code"] == "VALIDATION_ERROR"
         assert message in errors(run)[0], (message, run.stdout)
     assert live.issuer.token_requests == []
+
+
+# ------------------------------------------------------- issue #6: the snippet as written
+
+#: The acceptance snippet of issue #6, as the README shows it: no `api-url`, no SPELL_API_URL.
+SNIPPET = """\
+permissions: { id-token: write }
+steps:
+  - uses: OWNER/spell-platform@v1
+    with: { spell: com.example.hello, input: '{"name":"world"}' }
+"""
+EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+
+
+def released_action(tmp: Path, api_url: str | None) -> Path:
+    """The tree a tag of the Action holds: action.yml and actions/cast, stamped with ``api_url``
+    by the release's own command (``None``: the source tree, unstamped)."""
+    root = tmp / f"action-{secrets.token_hex(4)}"
+    (root / "actions" / "cast").mkdir(parents=True)
+    shutil.copyfile(REPO / "action.yml", root / "action.yml")
+    for script in (CAST, STAMP):
+        shutil.copyfile(script, root / "actions" / "cast" / script.name)
+    if api_url is not None:
+        stamp = root / "actions" / "cast" / "stamp.py"
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                str(stamp),
+                "--api-url",
+                api_url,
+                "--file",
+                str(root / "action.yml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+    return root
+
+
+def expand(value: Any, inputs: dict[str, str], env: dict[str, str]) -> str:
+    """``${{ inputs.X }}`` and ``${{ github.x }}`` as the runner evaluates them in a composite
+    step's ``env:``; any other expression fails the test (the runner here cannot fake it)."""
+
+    def one(m: re.Match[str]) -> str:
+        expr = m.group(1)
+        if found := re.fullmatch(r"inputs\.([A-Za-z0-9_-]+)", expr):
+            return inputs[found.group(1)]
+        if found := re.fullmatch(r"github\.([a-z_]+)", expr):
+            return env["GITHUB_" + found.group(1).upper()]
+        raise AssertionError(f"cannot evaluate ${{{{ {expr} }}}} in action.yml")
+
+    return EXPR.sub(one, "" if value is None else str(value))
+
+
+async def run_released_step(
+    live: Live, action_dir: Path, with_: dict[str, str], **job_env: str
+) -> tuple[ActionRun, dict[str, str]]:
+    """The Action's one composite step as the runner runs it: the inputs are the step's
+    ``with:`` values, else the defaults of action.yml; its ``env:`` is evaluated over them and
+    added to the job's environment (the simulated GITHUB_* of :meth:`Live.step_env`, none of
+    the ``SPELL_ACTION_*`` shortcuts the other tests use); its ``run:`` goes to ``bash
+    --noprofile --norc -eo pipefail`` with GITHUB_ACTION_PATH at the action's tree and this
+    interpreter first on PATH as ``python3``."""
+    action = yaml.safe_load((action_dir / "action.yml").read_text(encoding="utf-8"))
+    declared: dict[str, Any] = action["inputs"]
+    assert set(with_) <= set(declared), set(with_) - set(declared)
+    inputs = {}
+    for name, spec in declared.items():
+        if name in with_:
+            inputs[name] = with_[name]
+        else:
+            assert not spec.get("required"), f"the required input {name} is missing"
+            inputs[name] = str(spec.get("default", ""))
+    env = {k: v for k, v in live.step_env().items() if not k.startswith("SPELL_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
+    env["GITHUB_ACTION_PATH"] = str(action_dir)
+    env.update(job_env)
+    (step,) = action["runs"]["steps"]
+    assert step["shell"] == "bash"
+    env.update({k: expand(v, inputs, env) for k, v in (step.get("env") or {}).items()})
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "--noprofile",
+        "--norc",
+        "-eo",
+        "pipefail",
+        "-c",
+        step["run"],
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    run = ActionRun(
+        proc.returncode,
+        out.decode(),
+        err.decode(),
+        parse_outputs(Path(env["GITHUB_OUTPUT"]).read_text()),
+        Path(env["GITHUB_STEP_SUMMARY"]).read_text(),
+    )
+    return run, env
+
+
+async def test_the_issue_6_snippet_casts_with_the_released_actions_default_url(
+    live: Live,
+) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"```yaml\n{SNIPPET}```" in readme  # the snippet tested is the one documented
+    (step,) = yaml.safe_load(SNIPPET)["steps"]
+    with_ = {k: str(v) for k, v in step["with"].items()}
+    assert "api-url" not in with_
+    await live.allow()
+
+    # The source tree carries no URL: the snippet cannot work from it, and says why.
+    source = released_action(live.tmp, None)
+    run, env = await run_released_step(live, source, with_)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no platform URL" in errors(run)[0]
+    assert live.sandbox.runs == []
+
+    # The released tag: stamped with the platform's URL (plain http: it is localhost).
+    released = released_action(live.tmp, live.url)
+    run, env = await run_released_step(live, released, with_)
+    assert "SPELL_API_URL" not in env
+    assert env["SPELL_ACTION_API_URL"] == ""
+    assert env["SPELL_ACTION_DEFAULT_API_URL"] == live.url
+    assert env["SPELL_ACTION_SPELL"] == "com.example.hello"
+    assert env["SPELL_ACTION_INPUT"] == '{"name":"world"}'
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"casting com.example.hello at {live.url}" in run.stdout
+    assert "signed in with GitHub OIDC as account ACME" in run.stdout
+    assert run.outputs["status"] == "succeeded"
+    assert run.outputs["cost-cents"] == "25"
+    assert live.issuer.token_requests[-1]["audience"] == AUDIENCE  # the input's default
+    assert len(live.sandbox.runs) == 1
+    assert_no_secret_leaks(live, run)
+
+    # The workflow author's SPELL_API_URL beats the stamped default (here, a dead port).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    elsewhere = released_action(live.tmp, dead)
+    run, env = await run_released_step(
+        live, elsewhere, with_, SPELL_API_URL=live.url, GITHUB_RUN_ATTEMPT="2"
+    )
+    assert env["SPELL_ACTION_DEFAULT_API_URL"] == dead
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"casting com.example.hello at {live.url}" in run.stdout
+    assert len(live.sandbox.runs) == 2
 
 
 def load_action() -> Any:

@@ -9,7 +9,8 @@ of them *and* to this repository's own CI (``.github/workflows``, SPEC §11):
 - no ``runs-on`` resolves to a ``*-latest`` label; this repository's CI covers exactly the
   pinned ``ubuntu-24.04``, ``windows-2025`` and ``macos-15`` images;
 - every workflow has a top-level ``permissions:`` that grants nothing but reads; writes
-  (``id-token``, ``attestations``) appear only in jobs that sign or attest;
+  (``id-token``, ``attestations``) appear only in jobs that sign or attest, ``contents: write``
+  only in the release job that moves the companion Action's major tag (``action-tag``);
 - the release workflow makes SPDX and CycloneDX SBOMs, uploads them, attests the wheel with
   cosign keyless and verifies that attestation; CI runs the suite with real services on Linux,
   the unit and contract tiers with ``tests/conftest.py`` on Windows and macOS (never leaving out
@@ -70,6 +71,10 @@ PINNED = {
 PLATFORM_PREFIX = "OWNER/spell-platform"
 # Permissions a job may be granted for signing: the OIDC token and GitHub's attestation store.
 SIGNING_WRITES = {"id-token", "attestations"}
+# The release workflow runs on full version tags only: moving the major tag (`v1`) to the
+# stamped Action must never start another release.
+VERSION_TAGS = "v[0-9]+.[0-9]+.[0-9]+"
+PUBLIC_URL_VAR = "${{ vars.SPELL_PUBLIC_API_URL }}"
 GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
 
 
@@ -206,6 +211,14 @@ def signs(job: dict[str, Any]) -> bool:
     return False
 
 
+def moves_tags(job: dict[str, Any]) -> bool:
+    """Does the job push tags (the release's `action-tag` job moving `v1`)?"""
+    return any(
+        re.search(r"\bgit\s+push\b[^\n]*\brefs/tags/", str(step.get("run", "")))
+        for step in job.get("steps", [])
+    )
+
+
 def permission_problems(doc: dict[str, Any]) -> list[str]:
     problems = []
     if "permissions" not in doc:
@@ -224,6 +237,8 @@ def permission_problems(doc: dict[str, Any]) -> list[str]:
                 continue
             if job is None:
                 problems.append(f"top level grants {scope}: {level}; grant writes per job")
+            elif scope == "contents" and level == "write" and moves_tags(job) and not signs(job):
+                continue  # checked in depth by action_tag_problems
             elif scope not in SIGNING_WRITES:
                 problems.append(f"{where}: {scope}: {level} is not needed here")
             elif not signs(job):
@@ -263,8 +278,8 @@ def release_problems(doc: dict[str, Any]) -> list[str]:
     problems = []
     jobs: dict[str, Any] = doc["jobs"]
     on = triggers(doc)
-    if "workflow_dispatch" not in on or "v*" not in (on.get("push") or {}).get("tags", []):
-        problems.append("release must run on `v*` tags and workflow_dispatch")
+    if "workflow_dispatch" not in on or VERSION_TAGS not in (on.get("push") or {}).get("tags", []):
+        problems.append(f"release must run on `{VERSION_TAGS}` tags and workflow_dispatch")
     sboms: dict[str, str] = {}
     uploaded: list[str] = []
     for _, step in steps_of(doc):
@@ -320,6 +335,107 @@ def release_problems(doc: dict[str, Any]) -> list[str]:
     ]
     if not installer or steps.index(installer[0]) > steps.index(attest_step):
         problems.append("sigstore/cosign-installer must run before cosign")
+    return problems
+
+
+def action_tag_problems(doc: dict[str, Any]) -> list[str]:
+    """The release's `action-tag` job: after the attestation, on pushed version tags only, the
+    one job with `contents: write`; it refuses an empty SPELL_PUBLIC_API_URL, stamps it into
+    action.yml with actions/cast/stamp.py, commits as github-actions[bot] and force-moves the
+    major tag, with the job's token passed through `env:` (checkout persists none)."""
+    problems = []
+    jobs: dict[str, Any] = doc["jobs"]
+    tags = (triggers(doc).get("push") or {}).get("tags", [])
+    if tags != [VERSION_TAGS]:
+        problems.append(
+            f"push.tags must be exactly [{VERSION_TAGS!r}], not {tags}: moving the major tag "
+            "must never start a release"
+        )
+    writers = sorted(
+        job_id
+        for job_id, job in jobs.items()
+        if (job.get("permissions") or {}).get("contents") == "write"
+    )
+    if writers != ["action-tag"]:
+        problems.append(f"contents: write in {writers}: only action-tag may have it")
+    job = jobs.get("action-tag")
+    if job is None:
+        return [*problems, "no `action-tag` job (stamps action.yml, moves the major tag)"]
+    needs = job.get("needs", [])
+    if "attest" not in ([needs] if isinstance(needs, str) else needs):
+        problems.append("action-tag: must need attest (release the Action after the wheel)")
+    condition = re.sub(r"\s+", " ", str(job.get("if", "")))
+    if (
+        "github.event_name == 'push'" not in condition
+        or "github.ref_type == 'tag'" not in condition
+    ):
+        problems.append("action-tag: only for pushed tags (if: event push and ref_type tag)")
+    if (job.get("permissions") or {}) != {"contents": "write"}:
+        problems.append("action-tag: permissions must be exactly contents: write")
+    steps: list[dict[str, Any]] = job.get("steps", [])
+    checkout = [s for s in steps if str(s.get("uses", "")).startswith("actions/checkout@")]
+    if not checkout or not SHA_RE.match(str(checkout[0]["uses"]).partition("@")[2]):
+        problems.append("action-tag: checkout pinned to a commit SHA")
+
+    def env_of(step: dict[str, Any]) -> dict[str, str]:
+        return {k: str(v) for k, v in (step.get("env") or {}).items()}
+
+    def var_for(step: dict[str, Any], value: str) -> str | None:
+        return next((k for k, v in env_of(step).items() if v.replace(" ", "") == value), None)
+
+    url_var = PUBLIC_URL_VAR.replace(" ", "")
+    guard = next(
+        (
+            i
+            for i, s in enumerate(steps)
+            if (name := var_for(s, url_var))
+            and re.search(rf'\[ -z "\${name}" \]', str(s.get("run", "")))
+            and "::error" in str(s.get("run", ""))
+            and re.search(r"^\s*exit 1\s*$", str(s.get("run", "")), re.MULTILINE)
+        ),
+        None,
+    )
+    stamp = next(
+        (
+            i
+            for i, s in enumerate(steps)
+            if (name := var_for(s, url_var))
+            and re.search(
+                rf'actions/cast/stamp\.py --api-url "\${name}"(?: --file action\.yml)?\s*$',
+                str(s.get("run", "")),
+                re.MULTILINE,
+            )
+        ),
+        None,
+    )
+    if guard is None:
+        problems.append(
+            "action-tag: no step fails with ::error:: when SPELL_PUBLIC_API_URL is empty"
+        )
+    if stamp is None:
+        problems.append("action-tag: actions/cast/stamp.py must stamp SPELL_PUBLIC_API_URL")
+        return problems
+    if guard is not None and guard > stamp:
+        problems.append("action-tag: check SPELL_PUBLIC_API_URL before stamping")
+    if checkout and steps.index(checkout[0]) > stamp:
+        problems.append("action-tag: checkout before stamping")
+    run = str(steps[stamp]["run"])
+    after = run[run.index("actions/cast/stamp.py") :]
+    for pattern, what in [
+        (r'git config user\.name "github-actions\[bot\]"', "commit as github-actions[bot]"),
+        (r'git commit\b[^\n]*-m "action: \$TAG defaults to \$\w+"', "commit message"),
+        (r'git tag --force "\$major"', "move the major tag"),
+        (r'git push --force origin "refs/tags/\$major', "force-push the major tag"),
+    ]:
+        if not re.search(pattern, after):
+            problems.append(f"action-tag: {what} after stamping")
+    if not re.search(r"\^v\(\[0-9\]\+\)", run) or 'major="v${BASH_REMATCH[1]}"' not in run:
+        problems.append("action-tag: the major tag comes from the vX.Y.Z tag (v1 for v1.4.2)")
+    token = var_for(steps[stamp], "${{github.token}}") or var_for(
+        steps[stamp], "${{secrets.GITHUB_TOKEN}}"
+    )
+    if token is None or f"${token}" not in run:
+        problems.append("action-tag: push with the job's token passed through env:")
     return problems
 
 
@@ -497,6 +613,17 @@ def test_no_expression_inside_run_and_no_persisted_token(path: Path) -> None:
 
 def test_release_makes_sboms_and_a_verified_keyless_attestation() -> None:
     assert release_problems(load_yaml(RELEASE)) == []
+
+
+def test_release_moves_the_actions_major_tag_to_a_stamped_commit() -> None:
+    assert action_tag_problems(load_yaml(RELEASE)) == []
+    for path in REPO_WORKFLOWS:  # no other workflow may write to the repository
+        if path != RELEASE:
+            assert not [
+                j
+                for j, job in load_yaml(path)["jobs"].items()
+                if (job.get("permissions") or {}).get("contents") == "write"
+            ], rel(path)
 
 
 def test_only_the_signing_job_can_mint_an_oidc_token() -> None:
@@ -709,7 +836,7 @@ def test_injection_and_checkout_rules_catch() -> None:
         ),
         (
             lambda d: (d.pop(True, None), d.update(on={"push": {"branches": ["main"]}})),
-            "`v*` tags",
+            f"`{VERSION_TAGS}` tags",
         ),
     ],
     ids=[
@@ -731,6 +858,120 @@ def test_release_rule_catches(break_it: Any, problem: str) -> None:
     break_it(doc)
     problems = release_problems(doc)
     assert any(problem in p for p in problems), problems
+
+
+def _action_tag_step(doc: dict[str, Any], pattern: str) -> dict[str, Any]:
+    steps = doc["jobs"]["action-tag"]["steps"]
+    return next(s for s in steps if re.search(pattern, str(s.get("run", ""))))
+
+
+def _edit_run(doc: dict[str, Any], pattern: str, old: str, new: str) -> None:
+    step = _action_tag_step(doc, pattern)
+    assert old in step["run"], old
+    step["run"] = step["run"].replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "problem"),
+    [
+        (lambda d: d["on"]["push"].update(tags=["v*"]), "push.tags must be exactly"),
+        (
+            lambda d: d["on"]["push"]["tags"].append("v[0-9]+"),
+            "push.tags must be exactly",
+        ),
+        (lambda d: d["jobs"].pop("action-tag"), "no `action-tag` job"),
+        (
+            lambda d: d["jobs"]["build"].update(permissions={"contents": "write"}),
+            "only action-tag may have it",
+        ),
+        (lambda d: d["jobs"]["action-tag"].pop("needs"), "must need attest"),
+        (lambda d: d["jobs"]["action-tag"].pop("if"), "only for pushed tags"),
+        (
+            lambda d: d["jobs"]["action-tag"]["permissions"].update({"actions": "write"}),
+            "exactly contents: write",
+        ),
+        (
+            lambda d: d["jobs"]["action-tag"]["steps"].remove(
+                _action_tag_step(d, r"::error title=SPELL_PUBLIC_API_URL")
+            ),
+            "when SPELL_PUBLIC_API_URL is empty",
+        ),
+        (
+            lambda d: _edit_run(d, r"::error title=SPELL_PUBLIC_API_URL", "exit 1", "exit 0"),
+            "when SPELL_PUBLIC_API_URL is empty",
+        ),
+        (
+            lambda d: d["jobs"]["action-tag"]["steps"].reverse(),
+            "before stamping",
+        ),
+        (
+            lambda d: _edit_run(d, r"stamp\.py", "python3 actions/cast/stamp.py", "true"),
+            "must stamp SPELL_PUBLIC_API_URL",
+        ),
+        (
+            lambda d: _action_tag_step(d, r"stamp\.py")["env"].update(
+                PUBLIC_API_URL="https://hard.coded.example"
+            ),
+            "must stamp SPELL_PUBLIC_API_URL",
+        ),
+        (
+            lambda d: _edit_run(d, r"stamp\.py", 'git tag --force "$major"', 'git tag "$major"'),
+            "move the major tag",
+        ),
+        (
+            lambda d: _edit_run(d, r"stamp\.py", "git push --force", "git push"),
+            "force-push the major tag",
+        ),
+        (
+            lambda d: _edit_run(d, r"stamp\.py", "github-actions[bot]", "release-bot"),
+            "github-actions[bot]",
+        ),
+        (
+            lambda d: _action_tag_step(d, r"stamp\.py")["env"].pop("PUSH_TOKEN"),
+            "token passed through env",
+        ),
+        (
+            lambda d: [
+                s["with"].update({"persist-credentials": True})
+                for s in d["jobs"]["action-tag"]["steps"]
+                if str(s.get("uses", "")).startswith("actions/checkout@")
+            ],
+            "persist-credentials: false",
+        ),
+    ],
+    ids=[
+        "any-v-tag",
+        "extra-tag-pattern",
+        "no-job",
+        "contents-write-elsewhere",
+        "no-needs",
+        "no-if",
+        "extra-permission",
+        "no-url-guard",
+        "guard-does-not-fail",
+        "guard-after-stamp",
+        "no-stamp",
+        "hard-coded-url",
+        "tag-not-forced",
+        "push-not-forced",
+        "other-committer",
+        "no-token-env",
+        "persisted-token",
+    ],
+)
+def test_action_tag_rule_catches(break_it: Any, problem: str) -> None:
+    doc = _release()
+    doc["on"] = doc.pop(True)  # PyYAML's `on`: an ordinary key for these edits
+    break_it(doc)
+    problems = [*action_tag_problems(doc), *permission_problems(doc), *checkout_problems(doc)]
+    assert any(problem in p for p in problems), problems
+
+
+def test_contents_write_is_only_for_a_job_that_moves_tags() -> None:
+    doc = _release()
+    assert permission_problems(doc) == []
+    _edit_run(doc, r"stamp\.py", "git push --force origin", "echo")
+    assert permission_problems(doc) == ["action-tag: contents: write is not needed here"]
 
 
 @pytest.mark.parametrize(
