@@ -151,6 +151,8 @@ _CHECKPOINT = object()
 #: :meth:`SqliteRunner.try_now`), which must not stall on a checkpoint's fsyncs.
 CHECKPOINT_BYTES = 4 * 1024 * 1024
 CHECKPOINT_COMMITS = 256
+#: how long the writer thread waits for another connection's write lock (SQLite busy handler)
+BUSY_TIMEOUT_MS = 30_000
 
 
 class _Written:
@@ -226,7 +228,7 @@ class SqliteRunner:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         # this connection's commits never checkpoint: the writer thread does (CHECKPOINT_BYTES)
@@ -274,8 +276,17 @@ class SqliteRunner:
         if conn is None or not self._queue.empty() or not self._busy.acquire(blocking=False):
             return False, None
         try:
+            # Never wait on this thread for another connection's write lock (a writer of this
+            # process may need this very event loop to finish): try to take it, else queue.
+            conn.execute("PRAGMA busy_timeout=0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return False, None
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             job: _Job[T] = _Job(factory, None)
-            self._execute(conn, [job])
+            self._execute(conn, [job], begun=True)
             checkpoint = self._written.due() and not self._checkpoint_queued
             if checkpoint:
                 self._checkpoint_queued = True
@@ -381,15 +392,19 @@ class SqliteRunner:
             if loop.is_closed():
                 return
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
+    def _execute(
+        self, conn: sqlite3.Connection, batch: list[_Job[Any]], *, begun: bool = False
+    ) -> None:
         """One transaction for the batch, each program in its own savepoint; outcomes and
-        errors are left on the jobs (the caller holds ``_busy``)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            for job in batch:
-                job.error = e
-            return
+        errors are left on the jobs (the caller holds ``_busy``; ``begun``: it also opened
+        the transaction)."""
+        if not begun:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                for job in batch:
+                    job.error = e
+                return
         written = self._written
         broken: BaseException | None = None
         for job in batch:

@@ -308,3 +308,27 @@ async def test_the_writer_thread_checkpoints_the_wal_commits_in_place_never_do(
     finally:
         await runner.aclose()
     assert len(_rows(path)) == 8
+
+
+async def test_try_now_never_waits_for_another_connections_write_lock(tmp_path: Path) -> None:
+    """Another writer (in this process it may need this very event loop to finish) holds the
+    lock: try_now declines at once instead of sleeping in SQLite's busy handler."""
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await runner.warm()
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (k, n) VALUES ('other', 1)")
+        assert runner.try_now(lambda: insert("mine", 2)) == (False, None)
+        queued = asyncio.ensure_future(runner.run(lambda: insert("mine", 2)))
+        await asyncio.sleep(0.05)
+        assert not queued.done()  # the writer thread waits for the lock instead
+        other.execute("COMMIT")
+        assert await queued == 1
+        # and the connection still waits patiently through the writer thread afterwards
+        assert runner.try_now(lambda: insert("again", 3)) == (True, 1)
+    finally:
+        other.close()
+        await runner.aclose()
+    assert [r[0] for r in _rows(path)] == ["again", "mine", "other"]
