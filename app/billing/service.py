@@ -54,8 +54,9 @@ from app.errors import AppError
 from app.services.ports import AuditSink, Message
 from app.services.tokens import Caller
 from app.store.billing_store import SUBSCRIBED, BillingStore
+from app.store.hot import AuditRow
 from app.store.inbox import Inbox
-from app.store.ledger import SqlLedger
+from app.store.ledger import SqlLedger, new_id
 from app.store.models import BillingCharge, BillingUsage, Cast
 
 log = logging.getLogger("spell.billing")
@@ -109,6 +110,7 @@ class BillingService:
         counters: RevenueCounter,
         kick_outbox: Callable[[], None],
         on_cast_ended: Callable[[str], None] | None = None,
+        kick_audit: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.stripe = stripe
@@ -121,11 +123,42 @@ class BillingService:
         #: told the id of every cast billing ends (cancelled after a failed payment), so the
         #: process's waiters (SSE, ``wait``) wake up
         self.on_cast_ended = on_cast_ended
+        #: wakes the process's audit outbox drainer (app/store/audit_outbox.py): billing's
+        #: audit records are committed with the state change they record, not appended after
+        self.kick_audit: Callable[[], None] = kick_audit or (lambda: None)
         self._meters: dict[str, tuple[str, str]] = {}  # name → (event_name, Stripe meter id)
         self._meters_lock = asyncio.Lock()
         self._terms_cache: dict[tuple[str, str], tuple[str | None, int | None]] = {}
         #: the last scheduled reconciliation: when, and the differences it found
         self.last_reconcile: tuple[datetime, list[str]] | None = None
+
+    def _record(
+        self,
+        event: str,
+        *,
+        actor: str,
+        cast_id: str | None = None,
+        input_hash: str | None = None,
+        amount_cents: int | None = None,
+        currency: str | None = None,
+        traceparent: str | None = None,
+        data: Mapping[str, Any],
+    ) -> AuditRow:
+        """An audit record for the audit outbox: written in the transaction of the state change
+        it records (a crash after that commit cannot lose it), appended to the file by the
+        drainer (``ts`` = now, ``data.event_id`` added)."""
+        return AuditRow(
+            event_id=new_id("ev"),
+            event=event,
+            at=self.store.clock.now(),
+            actor=actor,
+            cast_id=cast_id,
+            input_hash=input_hash,
+            amount_cents=amount_cents,
+            currency=currency,
+            traceparent=traceparent,
+            data=data,
+        )
 
     # ------------------------------------------------------------------ the cast gate
 
@@ -463,8 +496,13 @@ class BillingService:
                 idempotency_key=key,
                 metadata=meta,
             )
-            if await self.store.set_charge_state(charge.id, "invoiced", stripe_id=str(item["id"])):
-                await self._audit_charge(charge, "invoice_item", str(item["id"]))
+            if await self.store.set_charge_state(
+                charge.id,
+                "invoiced",
+                stripe_id=str(item["id"]),
+                audit=[await self._charged(charge, "invoice_item", str(item["id"]))],
+            ):
+                self.kick_audit()
             return
         try:
             pi = await self.stripe.charge_off_session(
@@ -487,76 +525,101 @@ class BillingService:
             return
         status = str(pi.get("status"))
         if status == "succeeded":
-            if await self.store.set_charge_state(charge.id, "succeeded", stripe_id=str(pi["id"])):
+            if await self.store.set_charge_state(
+                charge.id,
+                "succeeded",
+                stripe_id=str(pi["id"]),
+                audit=[await self._charged(charge, "stripe_pi", str(pi["id"]), casts)],
+            ):
+                self.kick_audit()
                 self.counters.revenue(charge.amount_cents)
-                await self._audit_charge(charge, "stripe_pi", str(pi["id"]), casts)
         elif status == "processing":
             await self.store.note_stripe_id(charge.id, str(pi["id"]))  # the webhook finishes it
         else:  # requires_action etc.: off-session, nobody can act on it
             await self._failed(charge, "authentication_required", str(pi["id"]))
 
     async def _failed(self, charge: BillingCharge, code: str, stripe_id: Any) -> None:
-        changed = await self.store.set_charge_state(
-            charge.id,
-            "failed",
-            stripe_id=str(stripe_id) if stripe_id else None,
-            failure_code=code,
-        )
+        """The charge's payment failed: the account is marked past due (committed first, so a
+        cast accepted meanwhile is refused or swept, SPEC §23.2); then, in one transaction, the
+        charge ``failed``, its queued paid casts cancelled and the audit records of it all."""
+        message = _cancel_message(code)
         newly = await self.store.mark_past_due(charge.account_id, code)
-        cancelled = await self.cancel_queued_casts(charge.account_id, code)
+
+        def audit(changed: bool, rows: list[dict[str, Any]]) -> list[AuditRow]:
+            out = self._cast_failed(rows, code, message)
+            if changed or newly or rows:
+                out.append(
+                    self._record(
+                        "billing.payment_failed",
+                        actor="billing",
+                        amount_cents=charge.amount_cents,
+                        currency=charge.currency,
+                        data={
+                            "charge_id": charge.id,
+                            "account": charge.account_id,
+                            "code": code,
+                            "cancelled_casts": [str(r["id"]) for r in rows],
+                        },
+                    )
+                )
+            return out
+
+        past_due, changed, cancelled = await self.store.fail_charge(
+            charge.id,
+            charge.account_id,
+            code,
+            stripe_id=str(stripe_id) if stripe_id else None,
+            error_code=PAYMENT_FAILED,
+            error_message=message,
+            audit=audit,
+        )
+        if not past_due:
+            # a payment method was saved between the two transactions: it found this charge
+            # still pending, so did not retry it. Nothing was changed; the job runs again (the
+            # same attempt's answer, then the account is past due until a card is saved again)
+            raise AppError(
+                "UNAVAILABLE",
+                f"charge {charge.id}: a payment method was saved while its failure was being "
+                "recorded; retried",
+            )
+        ids = self._cancelled(charge.account_id, code, cancelled)
         if changed or newly or cancelled:
+            self.kick_audit()
             log.warning(
                 "charge %s failed (%s): account %s is past due, %d queued casts cancelled",
                 charge.id,
                 code,
                 charge.account_id,
-                len(cancelled),
-            )
-            await self.audit.append(
-                "billing.payment_failed",
-                actor="billing",
-                amount_cents=charge.amount_cents,
-                currency=charge.currency,
-                data={
-                    "charge_id": charge.id,
-                    "account": charge.account_id,
-                    "code": code,
-                    "cancelled_casts": cancelled,
-                },
+                len(ids),
             )
 
-    async def cancel_queued_casts(self, account_id: str, code: str) -> list[str]:
-        """A payment of the account failed (SPEC §23.2): its paid casts that have not started
-        are cancelled — ``failed`` with ``PAYMENT_FAILED``, their reservations released, one
-        ``cast.failed`` audit record each. A running cast finishes (and is billed like any
-        other); new paid casts get 402 ``PAYMENT_REQUIRED`` while the account is past due, so
-        call this after marking it. Idempotent: a repeat finds nothing left to cancel.
-        Returns the ids of the casts cancelled."""
-        message = (
-            f"cancelled before it started: a payment of this account failed ({code}); "
-            "nothing was charged for it. Save a payment method with `spell billing setup`, "
-            "then cast again"
-        )
-        cancelled = await self.store.cancel_queued(
-            account_id, error_code=PAYMENT_FAILED, error_message=message
-        )
-        for cast in cancelled:
-            if self.on_cast_ended is not None:
-                self.on_cast_ended(cast.id)
-            await self.audit.append(
+    def _cast_failed(
+        self, rows: Sequence[Mapping[str, Any]], code: str, message: str
+    ) -> list[AuditRow]:
+        """The ``cast.failed`` records of casts cancelled after a failed payment."""
+        return [
+            self._record(
                 "cast.failed",
                 actor="billing",
-                cast_id=cast.id,
-                input_hash=cast.input_hash,
+                cast_id=str(r["id"]),
+                input_hash=r["input_hash"],
                 amount_cents=0,
-                currency=cast.currency,
-                traceparent=cast.traceparent,
+                currency=r["currency"],
+                traceparent=r["traceparent"],
                 data={
                     "error": {"code": PAYMENT_FAILED, "message": message},
-                    "released_cents": cast.estimate_cents,
+                    "released_cents": r["estimate_cents"],
                     "payment_failure": code,
                 },
             )
+            for r in rows
+        ]
+
+    def _cancelled(self, account_id: str, code: str, cancelled: Sequence[Cast]) -> list[str]:
+        """After casts were cancelled: wake their waiters and their GitHub feedback."""
+        for cast in cancelled:
+            if self.on_cast_ended is not None:
+                self.on_cast_ended(cast.id)
         if cancelled:
             self.kick_outbox()  # their GitHub feedback, if they came from GitHub
             log.warning(
@@ -567,16 +630,49 @@ class BillingService:
             )
         return [cast.id for cast in cancelled]
 
-    async def _audit_charge(
+    async def cancel_queued_casts(
+        self,
+        account_id: str,
+        code: str,
+        *,
+        audit: Callable[[list[str]], Sequence[AuditRow]] | None = None,
+    ) -> list[str]:
+        """A payment of the account failed (SPEC §23.2): its paid casts that have not started
+        are cancelled — ``failed`` with ``PAYMENT_FAILED``, their reservations released, one
+        ``cast.failed`` audit record each, committed with them (plus the records ``audit``
+        builds from the ids cancelled). A running cast finishes (and is billed like any
+        other); new paid casts get 402 ``PAYMENT_REQUIRED`` while the account is past due, so
+        call this after marking it. Idempotent: a repeat finds nothing left to cancel.
+        Returns the ids of the casts cancelled."""
+        message = _cancel_message(code)
+        wrote = False
+
+        def records(rows: list[dict[str, Any]]) -> list[AuditRow]:
+            nonlocal wrote
+            out = self._cast_failed(rows, code, message)
+            if audit is not None:
+                out += audit([str(r["id"]) for r in rows])
+            wrote = bool(out)
+            return out
+
+        cancelled = await self.store.cancel_queued(
+            account_id, error_code=PAYMENT_FAILED, error_message=message, audit=records
+        )
+        if wrote:
+            self.kick_audit()
+        return self._cancelled(account_id, code, cancelled)
+
+    async def _charged(
         self,
         charge: BillingCharge,
         method: str,
         stripe_id: str,
         casts: Sequence[str] | None = None,
-    ) -> None:
-        if casts is None:
+    ) -> AuditRow:
+        """The ``billing.charged`` record of a charge, to commit with its state change."""
+        if casts is None:  # a charge's lines never change once it claimed them
             casts = [line.cast_id for line in await self.store.lines_of(charge.id)]
-        await self.audit.append(
+        return self._record(
             "billing.charged",
             actor="billing",
             amount_cents=charge.amount_cents,
@@ -640,23 +736,30 @@ class BillingService:
                 metadata={"cast_id": cast_id, "refund_id": refund.id},
             )
             stripe_id = str(got["id"])
-        done = await self.store.finish_refund(refund.id, status="succeeded", stripe_id=stripe_id)
+        done = await self.store.finish_refund(
+            refund.id,
+            status="succeeded",
+            stripe_id=stripe_id,
+            audit=lambda r: [
+                self._record(
+                    "ledger.refund",
+                    actor=actor,
+                    cast_id=cast_id,
+                    amount_cents=r.amount_cents,
+                    currency=r.currency,
+                    data={
+                        "refund_id": r.id,
+                        "method": r.method,
+                        "reason": reason,
+                        "stripe_id": stripe_id,
+                        "account": r.account_id,
+                    },
+                )
+            ],
+        )
         if done is not None:
+            self.kick_audit()
             self.counters.refund()
-            await self.audit.append(
-                "ledger.refund",
-                actor=actor,
-                cast_id=cast_id,
-                amount_cents=done.amount_cents,
-                currency=done.currency,
-                data={
-                    "refund_id": done.id,
-                    "method": done.method,
-                    "reason": reason,
-                    "stripe_id": stripe_id,
-                    "account": done.account_id,
-                },
-            )
             return _refund_json(done)
         again = [r for r in await self.store.refunds(cast_id) if r.id == refund.id]
         return _refund_json(again[0])
@@ -711,14 +814,20 @@ class BillingService:
             await self.stripe.set_default_payment_method(
                 customer, pm, idempotency_key=f"checkout:{cs['id']}:default_payment_method"
             )
-            retried = await self.store.save_payment_method(account, pm)
+            retried = await self.store.save_payment_method(
+                account,
+                pm,
+                audit=lambda ids: [
+                    self._record(
+                        "billing.payment_method_saved",
+                        actor="stripe",
+                        data={"account": account, "retried_charges": ids},
+                    )
+                ],
+            )
+            self.kick_audit()
             if retried:
                 self.kick_outbox()
-            await self.audit.append(
-                "billing.payment_method_saved",
-                actor="stripe",
-                data={"account": account, "retried_charges": retried},
-            )
             return True
         if mode == "payment":
             meta = cs.get("metadata") or {}
@@ -733,39 +842,49 @@ class BillingService:
                 amount_cents=int(cs.get("amount_total") or 0),
                 currency=str(cs.get("currency") or "usd").upper(),
                 license_url=meta.get("license_url"),
+                audit=lambda e: [
+                    self._record(
+                        "billing.entitlement_granted",
+                        actor="stripe",
+                        amount_cents=e.amount_cents,
+                        currency=e.currency,
+                        data={"account": account, "spell_id": e.spell_id, "session": cs["id"]},
+                    )
+                ],
             )
             if not created:
                 return True
+            self.kick_audit()
             self.counters.revenue(ent.amount_cents)
-            await self.audit.append(
-                "billing.entitlement_granted",
-                actor="stripe",
-                amount_cents=ent.amount_cents,
-                currency=ent.currency,
-                data={"account": account, "spell_id": ent.spell_id, "session": cs["id"]},
-            )
             return True
         if mode == "subscription" and cs.get("subscription"):
             if cs.get("customer"):
                 await self.store.set_stripe_customer(account, str(cs["customer"]))
+            plan = (cs.get("metadata") or {}).get("plan")
             await self.store.set_subscription(
-                account, str(cs["subscription"]), "active", (cs.get("metadata") or {}).get("plan")
+                account,
+                str(cs["subscription"]),
+                "active",
+                plan,
+                audit=[
+                    self._record(
+                        "billing.subscribed",
+                        actor="stripe",
+                        data={
+                            "account": account,
+                            "subscription": cs["subscription"],
+                            "plan": plan,
+                        },
+                    )
+                ],
             )
+            self.kick_audit()
             sub = await self.stripe.retrieve_subscription(str(cs["subscription"]))
             sub_pm: Any = sub.get("default_payment_method")
             if isinstance(sub_pm, dict):
                 sub_pm = sub_pm.get("id")
             if sub_pm:  # per-cast (flat) charges of a subscriber use the card it saved
                 await self.store.adopt_payment_method(account, str(sub_pm))
-            await self.audit.append(
-                "billing.subscribed",
-                actor="stripe",
-                data={
-                    "account": account,
-                    "subscription": cs["subscription"],
-                    "plan": (cs.get("metadata") or {}).get("plan"),
-                },
-            )
             return True
         return None
 
@@ -800,23 +919,33 @@ class BillingService:
         revoked = 0
         if invoice.get("payment_intent"):
             revoked = len(await self.store.revoke_entitlements(str(invoice["payment_intent"])))
-        cancelled = await self.cancel_queued_casts(row.account_id, "invoice_payment_failed")
+
+        def failed(cancelled: list[str]) -> list[AuditRow]:
+            if not (newly or lapsed or revoked or cancelled):
+                return []
+            return [
+                self._record(
+                    "billing.payment_failed",
+                    actor="stripe",
+                    amount_cents=int(invoice.get("amount_due") or 0),
+                    currency=str(invoice.get("currency") or "usd").upper(),
+                    data={
+                        "account": row.account_id,
+                        "invoice": invoice["id"],
+                        "subscription": sub,
+                        "code": "invoice_payment_failed",
+                        "revoked_entitlements": revoked,
+                        "cancelled_casts": cancelled,
+                    },
+                )
+            ]
+
+        # the record commits with the last of these changes: the cancellations
+        cancelled = await self.cancel_queued_casts(
+            row.account_id, "invoice_payment_failed", audit=failed
+        )
         if newly or lapsed or revoked or cancelled:
             log.warning("invoice %s failed: account %s is past due", invoice["id"], row.account_id)
-            await self.audit.append(
-                "billing.payment_failed",
-                actor="stripe",
-                amount_cents=int(invoice.get("amount_due") or 0),
-                currency=str(invoice.get("currency") or "usd").upper(),
-                data={
-                    "account": row.account_id,
-                    "invoice": invoice["id"],
-                    "subscription": sub,
-                    "code": "invoice_payment_failed",
-                    "revoked_entitlements": revoked,
-                    "cancelled_casts": cancelled,
-                },
-            )
         return True
 
     async def on_payment_intent(self, pi: dict[str, Any], created: int, *, ok: bool) -> bool | None:
@@ -845,9 +974,10 @@ class BillingService:
                 from_states=("pending", "failed", "error"),
                 stripe_id=str(pi["id"]),
                 event_created=created,
+                audit=[await self._charged(charge, "stripe_pi", str(pi["id"]))],
             ):
+                self.kick_audit()
                 self.counters.revenue(charge.amount_cents)
-                await self._audit_charge(charge, "stripe_pi", str(pi["id"]))
             return True
         err = pi.get("last_payment_error") or {}
         code = str(err.get("code") or "card_declined")
@@ -875,22 +1005,28 @@ class BillingService:
         accounts = await self.store.revoke_entitlements(pi_id)
         for account in sorted(set(accounts)):
             await self.store.mark_past_due(account, code)
-            cancelled = await self.cancel_queued_casts(account, code)
+            # the record commits with the last of these changes: the cancellations
+            await self.cancel_queued_casts(
+                account,
+                code,
+                audit=lambda cancelled, account=account: [  # type: ignore[misc]
+                    self._record(
+                        "billing.payment_failed",
+                        actor="stripe",
+                        amount_cents=int(pi.get("amount") or 0),
+                        currency=str(pi.get("currency") or "usd").upper(),
+                        data={
+                            "account": account,
+                            "payment_intent": pi_id,
+                            "code": code,
+                            "revoked_entitlements": accounts.count(account),
+                            "cancelled_casts": cancelled,
+                        },
+                    )
+                ],
+            )
             log.warning(
                 "purchase payment %s failed (%s): account %s is past due", pi_id, code, account
-            )
-            await self.audit.append(
-                "billing.payment_failed",
-                actor="stripe",
-                amount_cents=int(pi.get("amount") or 0),
-                currency=str(pi.get("currency") or "usd").upper(),
-                data={
-                    "account": account,
-                    "payment_intent": pi_id,
-                    "code": code,
-                    "revoked_entitlements": accounts.count(account),
-                    "cancelled_casts": cancelled,
-                },
             )
         return True
 
@@ -1074,6 +1210,15 @@ async def reconcile_forever(billing: BillingService, every: float) -> None:
             raise
         except Exception:
             log.exception("billing reconcile failed")
+
+
+def _cancel_message(code: str) -> str:
+    """The error message of a cast cancelled because a payment of its account failed."""
+    return (
+        f"cancelled before it started: a payment of this account failed ({code}); "
+        "nothing was charged for it. Save a payment method with `spell billing setup`, "
+        "then cast again"
+    )
 
 
 def _refund_json(refund: Any) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from app.domain.casts import request_hash
 from app.errors import AppError
 from app.services.platform import Platform, pydantic_error
 from app.services.tokens import Caller
-from app.store.billing_store import SUBSCRIBED, BillingStore
+from app.store.billing_store import SUBSCRIBED, BillingStore, outbox_rows
+from app.store.hot import AuditRow
 from app.store.ledger import new_id
 
 #: Stripe accepts meter events up to 35 days old and 5 minutes ahead
@@ -109,6 +110,20 @@ async def record_usage(
         rows = await store.record_usage(
             s, account_id=account, ref=ref, usage=quantities, timestamp=ts, report=report
         )
+        # its audit record commits with it (the audit outbox), not after
+        s.add_all(
+            outbox_rows(
+                [
+                    AuditRow(
+                        event_id=new_id("ev"),
+                        event="billing.usage",
+                        at=now,
+                        actor=caller.principal_id,
+                        data={"account": account, "usage_id": ref, "usage": quantities},
+                    )
+                ]
+            )
+        )
         return 201, {
             "usage_id": ref,
             "account": account,
@@ -123,11 +138,7 @@ async def record_usage(
     )
     if not replayed:
         platform.kick_outbox()
-        await platform.audit.append(
-            "billing.usage",
-            actor=caller.principal_id,
-            data={"account": account, "usage_id": resp["usage_id"], "usage": quantities},
-        )
+        platform.kick_audit()
     return status, resp, replayed
 
 

@@ -26,6 +26,7 @@ from app.billing.stripe_client import StripeClient
 from app.config import Settings
 from app.errors import AppError
 from app.services.ports import SystemClock
+from app.store.audit_outbox import AuditDrainer
 from app.store.auditlog import AuditLog
 from app.store.billing_store import BillingStore
 from app.store.inbox import Inbox
@@ -73,6 +74,9 @@ async def local_billing(settings: Settings) -> AsyncIterator[BillingService]:
                 kick_outbox=lambda: None,
             )
         finally:
+            # billing's audit records commit with their state change (the audit outbox):
+            # append what this command committed before the log closes
+            await AuditDrainer(ledger.fast, audit).close()
             await audit.close()
             await ledger.aclose()
             await stripe.aclose()

@@ -38,6 +38,8 @@ from app.domain.oidc import (
 from app.errors import AppError
 from app.services import tokens
 from app.services.platform import Platform
+from app.store.ledger import new_id
+from app.store.models import AuditOutbox, IssuedToken
 
 log = logging.getLogger("spell.oidc")
 
@@ -308,20 +310,27 @@ class OidcSignIn:
         platform = self.platform
         now = platform.clock.now()
         ttl = platform_ttl(who.exp, now.timestamp(), requested=requested_ttl)
-        token, jti, expires = await self._issue(link.account_id, link.role, now, ttl)
-        await platform.audit.append(
-            "oidc.token_issued",
-            actor=who.repository,
-            traceparent=traceparent,
-            data={
-                "account": link.account_id,
-                "role": link.role,
-                "link": link.pattern,
-                "jti": jti,
-                "expires_at": expires.isoformat(),
-                **who.audit_data(),
-            },
-        )
+
+        def audit(jti: str, expires: datetime) -> AuditOutbox:
+            """Its audit record, committed with the token's row (the audit outbox)."""
+            return AuditOutbox(
+                event_id=new_id("ev"),
+                event="oidc.token_issued",
+                actor=who.repository,
+                traceparent=traceparent,
+                data={
+                    "account": link.account_id,
+                    "role": link.role,
+                    "link": link.pattern,
+                    "jti": jti,
+                    "expires_at": expires.isoformat(),
+                    **who.audit_data(),
+                },
+                created_at=now,
+            )
+
+        token, _jti, expires = await self._issue(link.account_id, link.role, now, ttl, audit)
+        platform.kick_audit()
         log.info(
             "OIDC sign-in: %s as %s (%s), %d s", who.repository, link.account_id, link.role, ttl
         )
@@ -336,7 +345,12 @@ class OidcSignIn:
         }
 
     async def _issue(
-        self, account_id: str, role: str, now: datetime, ttl: int
+        self,
+        account_id: str,
+        role: str,
+        now: datetime,
+        ttl: int,
+        audit: Callable[[str, datetime], AuditOutbox],
     ) -> tuple[str, str, datetime]:
         platform = self.platform
         principal = await platform.ledger.ensure_principal(
@@ -353,5 +367,7 @@ class OidcSignIn:
             now=now,
             ttl=ttl,
         )
-        await platform.ledger.record_token(jti, principal, now, expires)
+        async with platform.ledger.write() as s:  # the token's row and its audit record
+            s.add(IssuedToken(jti=jti, principal_id=principal, issued_at=now, expires_at=expires))
+            s.add(audit(jti, expires))
         return token, jti, expires

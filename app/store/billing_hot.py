@@ -25,13 +25,15 @@ booleans as the driver binds them), so ORM reads of these rows agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from app.domain.billing import plan_collection
+from app.store import hot
 from app.store.fastsql import Program, Stmt
-from app.store.hot import _time
+from app.store.hot import _PAST_DUE, AuditRow, _time
 
 #: the columns of ``billing_charges``, in the order the programs below return them
 CHARGE_COLUMNS = (
@@ -207,9 +209,11 @@ def set_charge_state(
     failure_code: str | None = None,
     set_failure_code: bool = False,
     event_created: int | None = None,
+    audit: Sequence[AuditRow] = (),
 ) -> Program[bool]:
     """Move a charge to ``status`` if it is in one of ``from_states``: one conditional
-    ``UPDATE``, so of concurrent workers exactly one gets True."""
+    ``UPDATE``, so of concurrent workers exactly one gets True — and only that one writes
+    ``audit`` (the audit outbox, in the same transaction)."""
     sets = ["status = ?", "updated_at = ?"]
     args: list[Any] = [status, now]
     if stripe_id is not None:
@@ -227,7 +231,63 @@ def set_charge_state(
         f" WHERE id = ? AND status IN ({marks})",
         (*args, charge_id, *from_states),
     )
-    return res.rowcount == 1
+    if res.rowcount != 1:
+        return False
+    for row in audit:
+        yield hot.audit_stmt(row)
+    return True
+
+
+#: builds the audit records of a failed payment from (charge changed, the casts cancelled);
+#: written in the transaction that made those changes
+FailureAudit = Callable[[bool, list[dict[str, Any]]], Sequence[AuditRow]]
+
+
+def fail_charge(
+    *,
+    charge_id: str,
+    account_id: str,
+    code: str,
+    stripe_id: str | None,
+    now: datetime,
+    error_message: str,
+    error_code: str,
+    billing: bool,
+    for_share: bool,
+    audit: FailureAudit,
+) -> Program[tuple[bool, bool, list[dict[str, Any]]]]:
+    """A charge's payment failed, after its account was marked past due (its own transaction,
+    committed first: a cast accepted meanwhile is refused or visible to the sweep below). In
+    ONE transaction: the charge ``failed`` (conditional, from ``pending``), the account's paid
+    casts that have not started cancelled, and the audit records of both — so a crash cannot
+    leave the charge failed without them (the charge is still ``pending`` and the job repeats).
+
+    The account's row is read under a SHARE lock on PostgreSQL (``for_share``): a payment method
+    saved concurrently (which retries *failed* charges under an exclusive lock of that row)
+    commits either before — then the account is no longer past due and nothing is changed
+    here — or after, and retries this charge. Share locks do not conflict with the cast path's
+    own share lock of the row, so this never waits on an accepting cast while holding anything
+    it needs. Returns (still past due, charge changed, the casts cancelled)."""
+    res = yield Stmt(_PAST_DUE + (" FOR SHARE" if for_share else ""), (account_id,), rows=True)
+    row = res.first()
+    if row is None or not row[0]:
+        return False, False, []
+    changed = yield from set_charge_state(
+        charge_id,
+        "failed",
+        from_states=("pending",),
+        now=now,
+        stripe_id=stripe_id,
+        failure_code=code,
+        set_failure_code=True,
+    )
+    ids = yield from queued_paid_casts(account_id)
+    cancelled = yield from hot.cancel_queued(
+        ids, error_code=error_code, error_message=error_message, billing=billing, now=now
+    )
+    for r in audit(changed, cancelled):
+        yield hot.audit_stmt(r)
+    return True, changed, cancelled
 
 
 def queued_paid_casts(account_id: str) -> Program[list[str]]:

@@ -14,7 +14,7 @@ The money rules that are SQL rules live here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,8 +35,10 @@ from app.domain.caps import month_period
 from app.errors import AppError
 from app.services.ports import Clock
 from app.store import billing_hot, hot
+from app.store.hot import AuditRow
 from app.store.ledger import SqlLedger, new_id
 from app.store.models import (
+    AuditOutbox,
     BillingCharge,
     BillingCustomer,
     BillingMeter,
@@ -52,6 +54,26 @@ from app.store.models import (
 
 #: subscription states in which usage is billed through the subscription (Stripe's names)
 SUBSCRIBED = ("active", "trialing", "past_due")
+
+
+def outbox_rows(rows: Sequence[AuditRow]) -> list[AuditOutbox]:
+    """Audit records as ``audit_outbox`` rows, to add to the session of the state change they
+    record (the ORM twin of ``hot.audit_stmt``; the drainer appends them to the file)."""
+    return [
+        AuditOutbox(
+            event_id=r.event_id,
+            event=r.event,
+            actor=r.actor,
+            cast_id=r.cast_id,
+            input_hash=r.input_hash,
+            amount_cents=r.amount_cents,
+            currency=r.currency,
+            traceparent=r.traceparent,
+            data=dict(r.data or {}),
+            created_at=r.at,
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True)
@@ -110,10 +132,17 @@ class BillingStore:
                 row.updated_at = self.clock.now()
             return row.stripe_customer_id
 
-    async def save_payment_method(self, account_id: str, payment_method: str) -> list[str]:
+    async def save_payment_method(
+        self,
+        account_id: str,
+        payment_method: str,
+        *,
+        audit: Callable[[list[str]], Sequence[AuditRow]] | None = None,
+    ) -> list[str]:
         """A new default payment method: the account is in good standing again and every
         failed charge is tried once more (a new attempt, so a new idempotency key). Returns the
-        ids of the charges queued again."""
+        ids of the charges queued again. ``audit`` (given them) builds the audit records
+        written in the same transaction."""
         now = self.clock.now()
         async with self.ledger.write() as s:
             row = await self._lock_customer(s, account_id)
@@ -147,6 +176,8 @@ class BillingStore:
                         created_at=now,
                     )
                 )
+            if audit is not None:
+                s.add_all(outbox_rows(audit([c.id for c in failed])))
             return [c.id for c in failed]
 
     async def mark_past_due(self, account_id: str, reason: str) -> bool:
@@ -176,7 +207,13 @@ class BillingStore:
             return True
 
     async def set_subscription(
-        self, account_id: str, subscription_id: str, status: str, plan: str | None
+        self,
+        account_id: str,
+        subscription_id: str,
+        status: str,
+        plan: str | None,
+        *,
+        audit: Sequence[AuditRow] = (),
     ) -> None:
         async with self.ledger.write() as s:
             row = await self._lock_customer(s, account_id)
@@ -185,6 +222,7 @@ class BillingStore:
             if plan is not None:
                 row.plan = plan
             row.updated_at = self.clock.now()
+            s.add_all(outbox_rows(audit))
 
     # ------------------------------------------------------------------ pending lines & charges
 
@@ -217,28 +255,69 @@ class BillingStore:
         return await self.ledger.fast.run(lambda: billing_hot.customer(account_id), atomic=False)
 
     async def cancel_queued(
-        self, account_id: str, *, error_code: str, error_message: str
+        self,
+        account_id: str,
+        *,
+        error_code: str,
+        error_message: str,
+        audit: Callable[[list[dict[str, Any]]], Sequence[AuditRow]] | None = None,
     ) -> list[Cast]:
         """Fail the account's paid casts that have not started yet, releasing their
         reservations (a failed payment, SPEC §23.2). One transaction; exact: a cast that
-        started meanwhile is left alone."""
+        started meanwhile is left alone. ``audit`` (given the cast rows cancelled) builds the
+        audit records written in that transaction."""
         now = self.clock.now()
         billing = self.ledger.billing_enabled
 
         def program() -> Any:
             ids = yield from billing_hot.queued_paid_casts(account_id)
-            return (
-                yield from hot.cancel_queued(
-                    ids,
-                    error_code=error_code,
-                    error_message=error_message,
-                    billing=billing,
-                    now=now,
-                )
+            done = yield from hot.cancel_queued(
+                ids,
+                error_code=error_code,
+                error_message=error_message,
+                billing=billing,
+                now=now,
             )
+            for row in audit(done) if audit is not None else ():
+                yield hot.audit_stmt(row)
+            return done
 
         rows: list[dict[str, Any]] = await self.ledger.fast.run(program)
         return [Cast(**row) for row in rows]
+
+    async def fail_charge(
+        self,
+        charge_id: str,
+        account_id: str,
+        code: str,
+        *,
+        stripe_id: str | None,
+        error_code: str,
+        error_message: str,
+        audit: billing_hot.FailureAudit,
+    ) -> tuple[bool, bool, list[Cast]]:
+        """A charge's payment failed, its account marked past due already: charge ``failed``,
+        queued paid casts cancelled and the audit records, in ONE transaction
+        (``billing_hot.fail_charge``). Returns (the account still past due: False when a payment
+        method was saved meanwhile and nothing was changed; charge changed; casts cancelled)."""
+        now = self.clock.now()
+        billing = self.ledger.billing_enabled
+        for_share = self.ledger.dialect == "postgresql"
+        past_due, changed, rows = await self.ledger.fast.run(
+            lambda: billing_hot.fail_charge(
+                charge_id=charge_id,
+                account_id=account_id,
+                code=code,
+                stripe_id=stripe_id,
+                now=now,
+                error_message=error_message,
+                error_code=error_code,
+                billing=billing,
+                for_share=for_share,
+                audit=audit,
+            )
+        )
+        return past_due, changed, [Cast(**row) for row in rows]
 
     async def _open_total(
         self, s: AsyncSession, account_id: str, currency: str, *, period: str | None = None
@@ -387,9 +466,11 @@ class BillingStore:
         stripe_id: str | None = None,
         failure_code: str | None = None,
         event_created: int | None = None,
+        audit: Sequence[AuditRow] = (),
     ) -> bool:
         """Move a charge to ``status`` if it is in one of ``from_states``: one conditional
-        UPDATE, so of concurrent workers exactly one gets True."""
+        UPDATE, so of concurrent workers exactly one gets True; that one commits ``audit`` (the
+        audit outbox) with the change."""
         now = self.clock.now()
         states = tuple(from_states)
         return await self.ledger.fast.run(
@@ -402,8 +483,9 @@ class BillingStore:
                 failure_code=failure_code,
                 set_failure_code=failure_code is not None or status == "succeeded",
                 event_created=event_created,
+                audit=tuple(audit),
             ),
-            atomic=False,
+            atomic=bool(audit),
         )
 
     async def note_stripe_id(self, charge_id: str, stripe_id: str) -> None:
@@ -526,9 +608,15 @@ class BillingStore:
             return refund, True
 
     async def finish_refund(
-        self, refund_id: str, *, status: str, stripe_id: str | None = None
+        self,
+        refund_id: str,
+        *,
+        status: str,
+        stripe_id: str | None = None,
+        audit: Callable[[BillingRefund], Sequence[AuditRow]] | None = None,
     ) -> BillingRefund | None:
-        """Record a refund's outcome and, when it succeeded, its ledger line — exactly once."""
+        """Record a refund's outcome and, when it succeeded, its ledger line — exactly once,
+        with the audit records ``audit`` builds of it (the audit outbox, same transaction)."""
         now = self.clock.now()
         async with self.ledger.write() as s:
             refund = await s.get(BillingRefund, refund_id, with_for_update=True)
@@ -562,6 +650,8 @@ class BillingStore:
                 line = await s.get(BillingPending, refund.cast_id)
                 if line is not None:
                     line.amount_cents += refund.amount_cents
+            if audit is not None:
+                s.add_all(outbox_rows(audit(refund)))
             await s.flush()
             return refund
 
@@ -619,9 +709,11 @@ class BillingStore:
         amount_cents: int,
         currency: str,
         license_url: str | None,
+        audit: Callable[[Entitlement], Sequence[AuditRow]] | None = None,
     ) -> tuple[Entitlement, bool]:
         """The entitlement of a completed one-time purchase (idempotent per Checkout Session);
-        ``(entitlement, created)``."""
+        ``(entitlement, created)``. The one call that creates it commits the audit records
+        ``audit`` builds of it in the same transaction."""
         now = self.clock.now()
         async with self.ledger.write() as s:
             res = await s.execute(
@@ -644,7 +736,10 @@ class BillingStore:
                 select(Entitlement).where(Entitlement.checkout_session_id == checkout_session_id)
             )
             assert ent is not None
-            return ent, bool(res.rowcount == 1)  # type: ignore[attr-defined]
+            created = bool(res.rowcount == 1)  # type: ignore[attr-defined]
+            if created and audit is not None:
+                s.add_all(outbox_rows(audit(ent)))
+            return ent, created
 
     async def revoke_entitlements(self, payment_intent_id: str) -> list[str]:
         """Revoke what a (failed) payment bought; the accounts of the entitlements revoked,

@@ -309,6 +309,7 @@ def _platform_ctx(
                 ),
                 kick_outbox=relay.kick,
                 on_cast_ended=platform.hub.notify,
+                kick_audit=audit_drainer.kick,
             )
             platform.payment_gate = billing.check_can_pay
             app[BILLING] = billing

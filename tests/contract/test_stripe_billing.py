@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ from app.billing.routes import BILLING
 from app.billing.service import BillingService
 from app.config import Settings
 from app.errors import AppError
+from app.store import hot
+from app.store.audit_outbox import AuditDrainer, lock_path
+from app.store.filelock import try_lock, unlock
 from app.store.models import BillingCharge, Outbox
 from app.web.app import Overrides, create_app
 from app.web.keys import INBOX, METRICS
@@ -159,6 +163,7 @@ class Msg:
     msg_id: str = "m"
     headers: dict[str, str] = field(default_factory=dict)
     num_delivered: int = 1
+    dead: bool = False
 
     async def ack(self) -> None: ...
     async def nak(self, delay: float | None = None) -> None: ...
@@ -577,6 +582,12 @@ async def test_refunds_are_idempotent_and_capped_by_the_charge(
     metrics = h.client.app[METRICS]  # type: ignore[index]
     assert metrics.refunds_count._value.get() == 2
     assert await billing.reconcile() == []
+    # one audit record per refund, however many requests raced for it
+    refunded = await audit_records(h, "ledger.refund")
+    assert [(r["data"]["refund_id"], r["amount_cents"]) for r in refunded] == [
+        (f"cast:{cast_id}:refund:1", 40),
+        (f"cast:{cast_id}:refund:2", 60),
+    ]
 
 
 async def test_a_refund_of_an_uncollected_cast_lowers_what_is_owed(
@@ -643,10 +654,17 @@ async def test_an_unfinished_refund_is_resumed_with_its_own_key(
 # what the payment bought; running casts finish; new paid casts get 402 until it is fixed.
 
 
-def audit_records(h: Harness, event: str) -> list[dict[str, Any]]:
+def audit_file(h: Harness) -> list[dict[str, Any]]:
     path = h.settings.data_dir / "audit" / "audit.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("event") == event]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def audit_records(h: Harness, event: str) -> list[dict[str, Any]]:
+    """The audit file's ``event`` records, once every record committed so far (the audit
+    outbox) is in it."""
+    billing = billing_of(h)
+    await AuditDrainer(billing.ledger.fast, billing.audit).drain(wait=True)  # type: ignore[arg-type]
+    return [r for r in audit_file(h) if r.get("event") == event]
 
 
 async def cast_status(h: Harness, who: Caster, cast_id: str) -> dict[str, Any]:
@@ -691,7 +709,7 @@ async def assert_cancelled(h: Harness, who: Caster, queued: list[str], code: str
         assert body["status"] == "failed"
         assert body["error"]["code"] == "PAYMENT_FAILED"
         assert code in body["error"]["message"]
-    failed = [r for r in audit_records(h, "cast.failed") if r.get("cast_id") in queued]
+    failed = [r for r in await audit_records(h, "cast.failed") if r.get("cast_id") in queued]
     assert sorted(r["cast_id"] for r in failed) == sorted(queued)
     assert all(r["data"]["error"]["code"] == "PAYMENT_FAILED" for r in failed)
     assert all(r["data"]["released_cents"] == 60 for r in failed)
@@ -719,7 +737,7 @@ async def test_a_declined_charge_cancels_the_queued_casts_and_running_ones_finis
         assert (await cast_status(h, bob, cast_id))["status"] == "running"
     # exactly the queued casts' reservations were released; the running ones still hold theirs
     assert await reserved_cents(h, "bob") == (2 * 60, 60)
-    [failed] = audit_records(h, "billing.payment_failed")
+    [failed] = await audit_records(h, "billing.payment_failed")
     assert sorted(failed["data"]["cancelled_casts"]) == sorted(queued)
     assert failed["data"]["code"] == "card_declined"
 
@@ -729,7 +747,7 @@ async def test_a_declined_charge_cancels_the_queued_casts_and_running_ones_finis
 
     # the job delivered again: nothing more is cancelled, charged or recorded
     await billing.on_charge_job(Msg({"cast_id": first}))
-    assert len(audit_records(h, "billing.payment_failed")) == 1
+    assert len(await audit_records(h, "billing.payment_failed")) == 1
 
     h.sandbox.gate.set()  # the running casts finish and are billed; the cancelled never run
     for cast_id in running:
@@ -770,7 +788,7 @@ async def test_a_failed_invoice_cancels_queued_casts_and_revokes_what_it_paid_fo
     assert await reserved_cents(h, "bob") == (2 * 60, 0)
     [revoked] = await billing.store.entitlements("bob")
     assert (revoked.id, revoked.status) == (ent.id, "revoked")
-    [record] = audit_records(h, "billing.payment_failed")
+    [record] = await audit_records(h, "billing.payment_failed")
     assert record["data"]["revoked_entitlements"] == 1
     assert sorted(record["data"]["cancelled_casts"]) == sorted(queued)
     assert (await h.cast(bob.token, PAID)).status == 402
@@ -887,6 +905,162 @@ async def test_settlement_rows_written_on_the_bare_driver_read_back_through_the_
         False,
         "active",
     )
-    [record] = audit_records(h, "billing.charged")
+    [record] = await audit_records(h, "billing.charged")
     assert record["data"]["casts"] == sorted(ids)
     assert record["data"]["stripe_id"] == charge.stripe_id
+
+
+# ----------------------------------------------------------------------------- audit outbox
+# A billing audit record commits with the money state change it records (an ``audit_outbox``
+# row in the same transaction), never appended after the commit: a crash in between cannot
+# leave money moved with no audit trail. The drainer then appends it to the file exactly once.
+
+
+@asynccontextmanager
+async def drains_held(h: Harness) -> AsyncIterator[None]:
+    """No drainer appends anything meanwhile (it is what a crash right after a commit
+    leaves): the outbox drain lock is ours."""
+    lock = lock_path(billing_of(h).audit.path)  # type: ignore[attr-defined]
+    deadline = asyncio.get_running_loop().time() + 10
+    while (fd := try_lock(lock)) is None:  # the app's drainer may be in a drain right now
+        assert asyncio.get_running_loop().time() < deadline, "the drain lock was never free"
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        unlock(fd)
+
+
+async def outbox_rows(h: Harness, event: str) -> list[dict[str, Any]]:
+    """The audit records committed and not yet in the file."""
+    rows = await billing_of(h).ledger.fast.run(lambda: hot.pending_audit(100_000), atomic=False)
+    return [r for r in rows if r["event"] == event]
+
+
+async def test_a_charge_commits_its_audit_record_with_it(h: Harness, fake: FakeStripe) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    async with drains_held(h):
+        cast_id = await cast_ok(h, bob)
+        await charge_settled(h, cast_id)
+        [charge] = await charges(h)
+        assert charge.status == "succeeded"
+        [row] = await outbox_rows(h, "billing.charged")  # committed with the charge...
+        assert (row["actor"], row["cast_id"], row["amount_cents"], row["currency"]) == (
+            "billing",
+            None,
+            60,
+            "USD",
+        )
+        assert row["data"] == {
+            "charge_id": charge.id,
+            "account": "bob",
+            "method": "stripe_pi",
+            "stripe_id": charge.stripe_id,
+            "casts": [cast_id],
+        }
+        # ... and not appended behind the drainer's back
+        assert [r for r in audit_file(h) if r["event"] == "billing.charged"] == []
+        # the job delivered again changes nothing and records nothing more
+        await billing_of(h).on_charge_job(Msg({"cast_id": cast_id}))
+        assert len(await outbox_rows(h, "billing.charged")) == 1
+    [record] = await audit_records(h, "billing.charged")  # once in the file, as committed
+    assert record["data"] == {**row["data"], "event_id": row["event_id"]}
+    assert (record["actor"], record["amount_cents"], record["currency"]) == ("billing", 60, "USD")
+    assert await outbox_rows(h, "billing.charged") == []
+
+
+async def test_a_refund_commits_its_audit_record_with_it(h: Harness, fake: FakeStripe) -> None:
+    await paid_spell(h, 100)
+    bob = await caster(h, fake)
+    cast_id = await cast_ok(h, bob)
+    await charge_settled(h, cast_id)
+    billing = billing_of(h)
+    async with drains_held(h):
+        done = await billing.refund_cast(cast_id, amount=40, reason="sla", actor="operator")
+        assert (done["method"], done["status"]) == ("stripe_refund", "succeeded")
+        [row] = await outbox_rows(h, "ledger.refund")
+        assert (row["actor"], row["cast_id"], row["amount_cents"], row["currency"]) == (
+            "operator",
+            cast_id,
+            40,
+            "USD",
+        )
+        assert row["data"] == {
+            "refund_id": f"cast:{cast_id}:refund:1",
+            "method": "stripe_refund",
+            "reason": "sla",
+            "stripe_id": done["stripe_id"],
+            "account": "bob",
+        }
+        assert [r for r in audit_file(h) if r["event"] == "ledger.refund"] == []
+        # the same refund again (a retried command): no second refund, no second record
+        again = await billing.refund_cast(cast_id, amount=40, reason="sla", actor="operator", n=1)
+        assert again == done
+        assert len(await outbox_rows(h, "ledger.refund")) == 1
+    [record] = await audit_records(h, "ledger.refund")
+    assert record["data"] == {**row["data"], "event_id": row["event_id"]}
+    assert (record["cast_id"], record["amount_cents"]) == (cast_id, 40)
+    assert await outbox_rows(h, "ledger.refund") == []
+
+
+async def test_a_declined_charge_commits_its_audit_record_with_it(
+    h: Harness, fake: FakeStripe
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake, "pm_card_chargeDeclined")
+    async with drains_held(h):
+        cast_id = await cast_ok(h, bob)
+        await charge_settled(h, cast_id)
+        [charge] = await charges(h)
+        assert (charge.status, charge.failure_code) == ("failed", "card_declined")
+        # the charge failed, the account is past due and the record of it is committed, in
+        # one transaction
+        [row] = await outbox_rows(h, "billing.payment_failed")
+        assert row["data"] == {
+            "charge_id": charge.id,
+            "account": "bob",
+            "code": "card_declined",
+            "cancelled_casts": [],
+        }
+        assert (await h.cast(bob.token, PAID)).status == 402
+    [record] = await audit_records(h, "billing.payment_failed")
+    assert record["data"]["event_id"] == row["event_id"]
+    assert (record["actor"], record["amount_cents"]) == ("billing", 60)
+
+
+async def test_a_card_saved_while_a_failure_is_recorded_changes_nothing_and_is_retried(
+    h: Harness, fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    billing.ledger.billing_enabled = False  # its charge is made by hand below
+    cast_id = await cast_ok(h, bob)
+    cast = await billing.ledger.get_cast(cast_id)
+    assert cast is not None
+    pending = await billing.store.add_pending(cast)
+    assert pending.charge is not None and pending.charge["status"] == "pending"
+    charge = BillingCharge(**pending.charge)
+    mark = billing.store.mark_past_due
+
+    async def card_saved_right_after(account_id: str, reason: str) -> bool:
+        newly = await mark(account_id, reason)
+        await billing.store.save_payment_method(account_id, "pm_card_visa")
+        return newly
+
+    monkeypatch.setattr(billing.store, "mark_past_due", card_saved_right_after)
+    async with drains_held(h):
+        with pytest.raises(AppError) as err:
+            await billing._failed(charge, "card_declined", None)
+        assert err.value.code == "UNAVAILABLE"  # the job runs again
+        # nothing was failed, cancelled or recorded: the new card's save saw a pending charge
+        got = await billing.store.charge(charge.id)
+        assert got is not None and (got.status, got.failure_code) == ("pending", None)
+        assert await outbox_rows(h, "billing.payment_failed") == []
+    monkeypatch.undo()
+    await billing._failed(charge, "card_declined", None)  # the repeat records the failure
+    [record] = await audit_records(h, "billing.payment_failed")
+    assert record["data"]["charge_id"] == charge.id
+    got = await billing.store.charge(charge.id)
+    assert got is not None and got.status == "failed"
