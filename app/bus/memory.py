@@ -3,7 +3,11 @@
 * ``publish`` drops a message whose ``msg_id`` was seen inside the duplicate window;
 * a fetched message must be acked; if it is not acked (or ``in_progress``-extended) within
   ``ack_wait`` it is delivered again, with ``num_delivered`` + 1;
-* after ``max_deliver`` deliveries it goes to ``dead_letters`` instead.
+* after ``max_deliver`` deliveries (when it would be delivered again: ``ack_wait`` ran out or it
+  was nak'ed) it is recorded in ``dead_letters`` and handed out once more as a dead letter
+  (``dead = True``, ``num_delivered`` = ``max_deliver``), as the JetStream adapter hands out a
+  ``MAX_DELIVERIES`` advisory: whoever owns the subject ends what it was for, then acks it (a
+  dead letter that is nak'ed or not acked in time comes back, still dead).
 
 It only lives as long as the process: the ledger's outbox is what makes a restart lose nothing.
 """
@@ -30,6 +34,7 @@ class _Entry:
     num_delivered: int = 0
     acked: bool = False
     token: int = 0
+    dead: bool = False
 
 
 @dataclass
@@ -42,6 +47,7 @@ class MemoryMessage:
     payload: dict[str, Any] = field(init=False)
     headers: Mapping[str, str] = field(init=False)
     num_delivered: int = field(init=False)
+    dead: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.subject = self._entry.subject
@@ -49,6 +55,7 @@ class MemoryMessage:
         self.payload = self._entry.payload
         self.headers = self._entry.headers
         self.num_delivered = self._entry.num_delivered
+        self.dead = self._entry.dead
 
     async def ack(self) -> None:
         self._queue._ack(self._entry, self._token)
@@ -140,7 +147,8 @@ class MemoryQueue:
             entry = self._ready.popleft()
             if entry.acked:
                 continue
-            entry.num_delivered += 1
+            if not entry.dead:  # a dead letter keeps the count that ran out
+                entry.num_delivered += 1
             entry.token += 1
             out.append(MemoryMessage(self, entry, entry.token))
             self._arm(entry, self.ack_wait)
@@ -162,12 +170,15 @@ class MemoryQueue:
         self._timers.pop(id(entry), None)
         if entry.acked or entry.token != token or self._closed:
             return
-        if entry.num_delivered >= self.max_deliver:
-            entry.acked = True
+        await self._again(entry)
+
+    async def _again(self, entry: _Entry) -> None:
+        """Queue ``entry`` for another delivery: a dead letter once its deliveries ran out."""
+        if not entry.dead and entry.num_delivered >= self.max_deliver:
+            entry.dead = True
             self.dead_letters.append(
                 {"subject": entry.subject, "msg_id": entry.msg_id, "payload": entry.payload}
             )
-            return
         await self._push(entry)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -191,7 +202,7 @@ class MemoryQueue:
             timer = self._timers.pop(id(entry), None)
             if timer is not None:
                 timer.cancel()
-            self._spawn(self._push(entry))
+            self._spawn(self._again(entry))
         else:
             self._arm(entry, delay)
 

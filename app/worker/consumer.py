@@ -128,7 +128,7 @@ class OutboxRelay:
 def is_dead_letter(msg: Message) -> bool:
     """A delivery the queue hands out after ``max_deliver`` ran out (JetStream's MAX_DELIVERIES
     advisory): whoever owns the subject ends what it was for, then acks it."""
-    return bool(getattr(msg, "dead", False))
+    return msg.dead
 
 
 async def consume(
