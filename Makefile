@@ -42,7 +42,8 @@ contracts:
 
 test: install sandbox lint contracts
 	@echo "== test suite on SQLite (embedded default)"
-	$(PY) -m pytest -q -p no:cacheprovider
+	@# SPELL_TEST_PASS=sqlite: tests that pick PostgreSQL themselves wait for the second pass
+	SPELL_TEST_PASS=sqlite $(PY) -m pytest -q -p no:cacheprovider
 	@echo "== test suite on PostgreSQL ($(PG_TEST_URL))"
 	SPELL_TEST_DATABASE_URL=$(PG_TEST_URL) $(PY) -m pytest -q -p no:cacheprovider
 

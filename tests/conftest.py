@@ -1,7 +1,9 @@
 """Shared fixtures: a platform app on SQLite (default) or PostgreSQL (SPELL_TEST_DATABASE_URL).
 
 CI runs the whole suite twice: once on SQLite, once with SPELL_TEST_DATABASE_URL pointing at the
-real PostgreSQL server. Each PostgreSQL run uses a throw-away database created here.
+real PostgreSQL server. Each PostgreSQL run uses a throw-away database created here. Tests that
+choose their database themselves (``backend_params``, ``in_pass``) run only in that backend's
+pass; the SQLite pass says so with ``SPELL_TEST_PASS=sqlite``, and a plain ``pytest`` runs them all.
 """
 
 from __future__ import annotations
@@ -84,6 +86,40 @@ def module_pg_database(pg_base_url: str | None, prefix: str) -> Iterator[str]:
         return
     url = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/test")
     yield from throwaway_pg_database(url, prefix)
+
+
+#: the database backends a test can choose for itself, each owned by one of CI's two passes
+BACKENDS = ("sqlite", "postgresql")
+
+
+def ci_pass() -> str | None:
+    """Which of CI's two runs of the suite this is: ``"postgresql"`` with
+    ``SPELL_TEST_DATABASE_URL``, ``"sqlite"`` with ``SPELL_TEST_PASS=sqlite`` (the first pass of
+    ``make test`` and CI), ``None`` for a plain ``pytest`` (no pass selected)."""
+    chosen = os.environ.get("SPELL_TEST_PASS", "")
+    if chosen not in ("", "sqlite"):
+        raise pytest.UsageError(f"SPELL_TEST_PASS={chosen!r}: only 'sqlite' (or unset)")
+    if os.environ.get("SPELL_TEST_DATABASE_URL"):
+        if chosen:
+            raise pytest.UsageError("SPELL_TEST_PASS=sqlite with SPELL_TEST_DATABASE_URL set")
+        return "postgresql"
+    return chosen or None
+
+
+def in_pass(backend: str) -> pytest.MarkDecorator:
+    """Run only in ``backend``'s pass (both when no pass is selected), for tests that choose
+    their database themselves: otherwise CI would run them twice, once in each pass."""
+    assert backend in BACKENDS, backend
+    this = ci_pass()
+    return pytest.mark.skipif(
+        this is not None and this != backend, reason=f"runs in CI's {backend} pass"
+    )
+
+
+def backend_params(*backends: str) -> list[Any]:
+    """Fixture/parametrize values for tests that run on several backends: each backend only in
+    its own pass (all of them when no pass is selected)."""
+    return [pytest.param(b, marks=in_pass(b)) for b in backends or BACKENDS]
 
 
 @pytest.fixture(scope="session")

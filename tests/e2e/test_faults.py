@@ -36,7 +36,7 @@ from app.config import Settings
 from app.store.auditlog import verify_file
 from app.web.app import Overrides, create_app
 from app.web.keys import BUS, CONSUMER
-from tests.conftest import FakeSandbox, Harness, skip_or_fail
+from tests.conftest import FakeSandbox, Harness, in_pass, skip_or_fail
 from tests.e2e.test_jetstream import (
     TRACEPARENT,
     WorkerProcess,
@@ -52,7 +52,7 @@ from tests.e2e.test_jetstream import (
     stream_messages,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, in_pass("postgresql")]  # private servers: once per CI
 
 SECRET = "test-secret-key-" + "x" * 32
 

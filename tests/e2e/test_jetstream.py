@@ -42,9 +42,16 @@ from app.store.auditlog import verify_file
 from app.web.app import Overrides, create_app
 from app.web.keys import BUS, CONSUMER, SANDBOX_STATE
 from app.worker.main import build_worker_app
-from tests.conftest import TABLES, FakeSandbox, Harness, module_pg_database, skip_or_fail
+from tests.conftest import (
+    TABLES,
+    FakeSandbox,
+    Harness,
+    in_pass,
+    module_pg_database,
+    skip_or_fail,
+)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, in_pass("postgresql")]  # its own database: once per CI
 
 REPO = Path(__file__).resolve().parents[2]
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -10,9 +10,9 @@ import secrets
 import pytest
 
 from app.store.db import current_revision, make_engine, upgrade
-from tests.conftest import skip_or_fail
+from tests.conftest import in_pass, skip_or_fail
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, in_pass("postgresql")]  # its own database: once per CI
 
 ADMIN = os.environ.get("SPELL_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -37,6 +37,7 @@ from tests.conftest import (
     FakeSandbox,
     FrozenClock,
     Harness,
+    backend_params,
     module_pg_database,
 )
 
@@ -54,7 +55,7 @@ def pg_database(pg_base_url: str | None) -> Iterator[str]:
     yield from module_pg_database(pg_base_url, "spell_ret")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=backend_params())
 def db_kind(request: pytest.FixtureRequest) -> str | None:
     """None for SQLite, else the PostgreSQL database (created outside any event loop)."""
     if request.param == "sqlite":
@@ -482,7 +483,8 @@ def _sweeper(world: World, ledger: SqlLedger, store: ArtifactStore, lock: Path) 
     return s
 
 
-@pytest.mark.parametrize("db_kind", ["postgresql"], indirect=True)  # SQLite: one process
+# SQLite has one writer process: two sweepers on one database are a PostgreSQL case
+@pytest.mark.parametrize("db_kind", backend_params("postgresql"), indirect=True)
 async def test_two_sweepers_on_postgresql_do_the_work_once(
     world: World, other_ledger: SqlLedger, tmp_path: Path
 ) -> None:

@@ -1,5 +1,8 @@
 """Migration 0007: raw webhook bodies are TOAST-compressed with lz4 on PostgreSQL.
 
+The tests move between 0007 and the revision before it (0006) by name, never ``head`` or ``-1``:
+later migrations do not change what they check.
+
 PostgreSQL: a throw-away database on the suite's server (``SPELL_TEST_DATABASE_URL``), else on
 ``PG_TEST_URL`` (default ``postgresql://postgres@127.0.0.1:5432/test``); skipped when neither
 answers, except in CI (``SPELL_REQUIRE_SERVICES=1``) where that fails. SQLite: the migration
@@ -16,33 +19,50 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.store.db import _alembic_config, current_revision, make_engine, upgrade
-from tests.conftest import skip_or_fail
+from tests.conftest import in_pass, skip_or_fail
 
 pytestmark = pytest.mark.e2e
 
 REVISION = "0007"
+PREVIOUS = "0006"  # its down_revision
+SCRIPTS = ScriptDirectory.from_config(_alembic_config())
 #: a delivery-like body: 14 KiB of compressible JSON (TOAST compresses values over ~2 KiB)
 BODY = json.dumps(
     {"action": "created", "comment": {"body": "/cast com.example.hello name=world " * 400}}
 ).encode()[: 14 * 1024]
 
 
-async def previous_revision(engine: AsyncEngine) -> str:
-    def _down(conn: Connection) -> None:
-        cfg = _alembic_config()
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "-1")
+async def to_revision(engine: AsyncEngine, revision: str) -> None:
+    """Upgrade or downgrade the schema to exactly ``revision``."""
+    current = await current_revision(engine)
+    below = {s.revision for s in SCRIPTS.iterate_revisions(current, "base")} if current else set()
+    if current == revision:
+        pass
+    elif revision in below:  # an ancestor of the current revision
 
-    async with engine.begin() as conn:
-        await conn.run_sync(_down)
-    rev = await current_revision(engine)
-    assert rev is not None and rev != REVISION
-    return rev
+        def _down(conn: Connection) -> None:
+            cfg = _alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+
+        async with engine.begin() as conn:
+            await conn.run_sync(_down)
+    else:
+        await upgrade(engine, revision)
+    assert await current_revision(engine) == revision
+
+
+@in_pass("sqlite")
+def test_the_revisions_named_here_are_the_lz4_migration_and_its_parent() -> None:
+    script = SCRIPTS.get_revision(REVISION)
+    assert script is not None and script.down_revision == PREVIOUS
+    assert "lz4" in (script.doc or "")
 
 
 @pytest.fixture
@@ -118,9 +138,9 @@ async def store_and_read_method(engine: AsyncEngine, delivery_id: str) -> str | 
     return None if method is None else str(method)
 
 
+@in_pass("postgresql")  # its own database: once per CI
 async def test_postgresql_stores_webhook_bodies_with_lz4(pg_engine: AsyncEngine) -> None:
-    await upgrade(pg_engine)
-    assert await current_revision(pg_engine) == REVISION
+    await to_revision(pg_engine, REVISION)
     if not await server_has_lz4(pg_engine):
         # a server built without lz4: the migration falls back silently to the default
         assert await column_compression(pg_engine) == ""
@@ -130,23 +150,23 @@ async def test_postgresql_stores_webhook_bodies_with_lz4(pg_engine: AsyncEngine)
     assert await store_and_read_method(pg_engine, "d-lz4") == "lz4"
 
     # downgrade: back to the server's default for new rows; stored rows stay readable
-    await previous_revision(pg_engine)
+    await to_revision(pg_engine, PREVIOUS)
     assert await column_compression(pg_engine) == ""
     async with pg_engine.connect() as conn:
         default = await conn.scalar(text("SHOW default_toast_compression"))
     assert await store_and_read_method(pg_engine, "d-default") == default
     # and up again
-    await upgrade(pg_engine)
+    await to_revision(pg_engine, REVISION)
     assert await column_compression(pg_engine) == "l"
     assert await store_and_read_method(pg_engine, "d-lz4-again") == "lz4"
 
 
+@in_pass("sqlite")
 async def test_sqlite_schema_is_unchanged_by_the_migration(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'spell.db'}")
     try:
-        await upgrade(engine)
-        assert await current_revision(engine) == REVISION
-        prev = await previous_revision(engine)
+        await to_revision(engine, REVISION)
+        await to_revision(engine, PREVIOUS)
 
         async def schema() -> list[tuple[str, str, str]]:
             async with engine.connect() as conn:
@@ -160,11 +180,9 @@ async def test_sqlite_schema_is_unchanged_by_the_migration(tmp_path: Path) -> No
 
         before = await schema()
         assert ("table", "webhook_deliveries") in {(t, n) for t, n, _ in before}
-        await upgrade(engine)
-        assert await current_revision(engine) == REVISION
+        await to_revision(engine, REVISION)
         assert await schema() == before
-        await previous_revision(engine)
-        assert await current_revision(engine) == prev
+        await to_revision(engine, PREVIOUS)
         assert await schema() == before
     finally:
         await engine.dispose()

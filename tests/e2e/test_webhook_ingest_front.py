@@ -27,7 +27,14 @@ from app.store.github_store import GitHubStore
 from app.web.app import Overrides, create_app
 from app.web.ingest import FRONT
 from app.web.keys import INBOX, LEDGER
-from tests.conftest import TABLES, FakeSandbox, Harness, module_pg_database
+from tests.conftest import (
+    TABLES,
+    FakeSandbox,
+    Harness,
+    backend_params,
+    in_pass,
+    module_pg_database,
+)
 from tests.contract.fake_github import FakeGitHub
 from tests.contract.test_github_flow import (
     INSTALLATION,
@@ -50,7 +57,7 @@ def pg_base(pg_base_url: str | None) -> Iterator[str]:
     yield from module_pg_database(pg_base_url, "spell_front")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=backend_params())
 def db_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
@@ -473,6 +480,7 @@ async def test_a_cast_comment_through_the_front_dispatches_the_workflow(
     assert reactions and reactions[0] == "eyes"
 
 
+@in_pass("sqlite")
 async def test_without_the_port_setting_there_is_no_front(
     aiohttp_client: Any, tmp_path: Any, fake: FakeGitHub
 ) -> None:
@@ -484,6 +492,7 @@ async def test_without_the_port_setting_there_is_no_front(
     assert r.status == 202  # the API's route keeps working as before
 
 
+@in_pass("sqlite")
 def test_spell_serve_webhook_port_starts_the_front(tmp_path: Any) -> None:
     """The real ``spell serve --webhook-port`` process: the front answers on its port, the
     delivery lands in the server's ledger, SIGTERM stops both cleanly."""
