@@ -277,13 +277,14 @@ def parse_wrk(out: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- /proc
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(ppid, utime+stime in ms) of one process, None if it is gone."""
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(ppid, utime+stime in ms, stime in ms) of one process, None if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) * 1000 / CLK_TCK
+    stime = int(fields[12]) * 1000 / CLK_TCK
+    return int(fields[1]), int(fields[11]) * 1000 / CLK_TCK + stime, stime
 
 
 def tree(root: int) -> list[int]:
@@ -302,12 +303,13 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def cpu_ms(pids: list[int]) -> dict[int, float]:
+def cpu_ms(pids: list[int], *, kernel: bool = False) -> dict[int, float]:
+    """CPU ms of each process (``kernel``: its system time only)."""
     out = {}
     for pid in pids:
         st = _stat(pid)
         if st is not None:
-            out[pid] = st[1]
+            out[pid] = st[2] if kernel else st[1]
     return out
 
 
@@ -616,7 +618,8 @@ class Server:
 
     async def cpu_snapshot(self) -> dict[str, dict[int, float]]:
         assert self.proc is not None
-        snap = {"server": cpu_ms(tree(self.proc.pid))}
+        pids = tree(self.proc.pid)
+        snap = {"server": cpu_ms(pids), "server_kernel": cpu_ms(pids, kernel=True)}
         if self.pg_dbname:
             snap["pg"] = cpu_ms(await pg_backends(self.pg_dbname))
         return snap
@@ -879,6 +882,7 @@ async def measure_server(srv: Server, ctx: Ctx) -> dict[str, Any]:
     idle0 = await srv.cpu_snapshot()
     await asyncio.sleep(3.0)
     idle = Server.cpu_delta(idle0, await srv.cpu_snapshot())
+    idle.pop("server_kernel", None)  # a part of "server"
     res["idle_cpu_ms_per_s"] = round(sum(idle.values()) / 3.0, 2)
 
     phases: dict[str, Any] = {}
@@ -1037,6 +1041,9 @@ def _cpu_fields(cpu: dict[str, float], accepted: int, seconds: float) -> dict[st
         "cpu_util_server": round(server / 1000 / seconds, 3) if seconds else None,
         "cpu_ms_per_delivery": round(server / accepted, 4) if accepted else None,
     }
+    kernel = cpu.get("server_kernel")
+    if kernel is not None and accepted:  # of which in the kernel (system time)
+        out["cpu_ms_per_delivery_kernel"] = round(kernel / accepted, 4)
     if pg is not None:
         out["cpu_ms_pg_backends"] = round(pg, 1)
         out["cpu_ms_per_delivery_incl_pg"] = (
@@ -1147,6 +1154,9 @@ def aggregate(runs: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
             "wrk_p50_ms": median([p["latency_ms"].get("p50") for p in wu]),
             "wrk_p99_ms": median([p["latency_ms"].get("p99") for p in wu]),
             "cpu_ms_per_delivery_wrk": median([p["cpu_ms_per_delivery"] for p in wu]),
+            "cpu_ms_per_delivery_wrk_kernel": median(
+                [p.get("cpu_ms_per_delivery_kernel") for p in wu]
+            ),
             "server_cpu_util_wrk": median([p["cpu_util_server"] for p in wu]),
             "other_processes_cpu_s_during_wrk": median(
                 [p["cpu_ms_other_processes"] / 1000 for p in wu]
@@ -1170,6 +1180,9 @@ def aggregate(runs: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
             )
             row[f"at_{k}_per_s_cpu_ms_per_delivery"] = median(
                 [p["cpu_ms_per_delivery"] for p in ol]
+            )
+            row[f"at_{k}_per_s_cpu_ms_per_delivery_kernel"] = median(
+                [p.get("cpu_ms_per_delivery_kernel") for p in ol]
             )
             if any("cpu_ms_per_delivery_incl_pg" in p for p in ol):
                 row[f"at_{k}_per_s_cpu_ms_per_delivery_incl_pg"] = median(
