@@ -36,10 +36,9 @@ from app.domain.oidc import (
     platform_ttl,
 )
 from app.errors import AppError
-from app.services import tokens
 from app.services.platform import Platform
 from app.store.ledger import new_id
-from app.store.models import AuditOutbox, IssuedToken
+from app.store.models import AuditOutbox
 
 log = logging.getLogger("spell.oidc")
 
@@ -329,8 +328,9 @@ class OidcSignIn:
                 created_at=now,
             )
 
-        token, _jti, expires = await self._issue(link.account_id, link.role, now, ttl, audit)
-        platform.kick_audit()
+        token, expires = await platform.issue_token(
+            link.account_id, link.role, ttl=ttl, now=now, audit=audit
+        )
         log.info(
             "OIDC sign-in: %s as %s (%s), %d s", who.repository, link.account_id, link.role, ttl
         )
@@ -343,31 +343,3 @@ class OidcSignIn:
             "role": link.role,
             "repository": who.repository,
         }
-
-    async def _issue(
-        self,
-        account_id: str,
-        role: str,
-        now: datetime,
-        ttl: int,
-        audit: Callable[[str, datetime], AuditOutbox],
-    ) -> tuple[str, str, datetime]:
-        platform = self.platform
-        principal = await platform.ledger.ensure_principal(
-            account_id,
-            role,
-            monthly_cap=platform.config.default_monthly_cap_cents,
-            total_cap=platform.config.default_total_cap_cents,
-        )
-        token, jti, expires = tokens.issue(
-            platform.config.signing_key,
-            principal_id=principal,
-            account_id=account_id,
-            role=role,
-            now=now,
-            ttl=ttl,
-        )
-        async with platform.ledger.write() as s:  # the token's row and its audit record
-            s.add(IssuedToken(jti=jti, principal_id=principal, issued_at=now, expires_at=expires))
-            s.add(audit(jti, expires))
-        return token, jti, expires

@@ -31,7 +31,7 @@ from app.services.tokens import Caller
 if TYPE_CHECKING:
     from app.observability.metrics import Metrics
     from app.store.ledger import BudgetView, SqlLedger
-    from app.store.models import Artifact, Cast, Spell, SpellVersion
+    from app.store.models import Artifact, AuditOutbox, Cast, Spell, SpellVersion
 
 log = logging.getLogger("spell.platform")
 
@@ -151,8 +151,18 @@ class Platform:
     # ------------------------------------------------------------------ tokens & accounts
 
     async def issue_token(
-        self, account_id: str, role: str, *, ttl: int | None = None
+        self,
+        account_id: str,
+        role: str,
+        *,
+        ttl: int | None = None,
+        now: datetime | None = None,
+        audit: Callable[[str, datetime], AuditOutbox] | None = None,
     ) -> tuple[str, datetime]:
+        """A bearer token for the account's principal of ``role`` (created if new), recorded in
+        the ledger. Its audit record: ``audit(jti, expires_at)``, an audit outbox row committed
+        with the token's row (sign-ins on the server), else ``token.issued`` by the operator's
+        CLI, appended after."""
         tokens_ttl = ttl if ttl is not None else self.config.token_ttl
         if tokens_ttl <= 0:
             raise AppError("VALIDATION_ERROR", "--ttl must be a positive number of seconds")
@@ -164,7 +174,7 @@ class Platform:
             monthly_cap=self.config.default_monthly_cap_cents,
             total_cap=self.config.default_total_cap_cents,
         )
-        now = self.clock.now()
+        now = now or self.clock.now()
         token, jti, exp = tokens.issue(
             self.config.signing_key,
             principal_id=principal,
@@ -173,6 +183,10 @@ class Platform:
             now=now,
             ttl=tokens_ttl,
         )
+        if audit is not None:
+            await self.ledger.record_token(jti, principal, now, exp, audit=[audit(jti, exp)])
+            self.kick_audit()
+            return token, exp
         await self.ledger.record_token(jti, principal, now, exp)
         await self.audit.append(
             "token.issued",

@@ -34,6 +34,7 @@ from app.store.fastsql import Program, Runner, runner_for_url
 from app.store.models import (
     Account,
     Artifact,
+    AuditOutbox,
     AuditPointer,
     Budget,
     Bundle,
@@ -183,14 +184,22 @@ class SqlLedger:
             return pid
 
     async def record_token(
-        self, jti: str, principal_id: str, issued_at: datetime, expires_at: datetime
+        self,
+        jti: str,
+        principal_id: str,
+        issued_at: datetime,
+        expires_at: datetime,
+        *,
+        audit: Sequence[AuditOutbox] = (),
     ) -> None:
+        """The token's row, and ``audit`` (its audit outbox rows) in the same transaction."""
         async with self.write() as s:
             s.add(
                 IssuedToken(
                     jti=jti, principal_id=principal_id, issued_at=issued_at, expires_at=expires_at
                 )
             )
+            s.add_all(audit)
 
     async def account_exists(self, account_id: str) -> bool:
         async with self.reader() as s:
