@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from app.aio import wait_event
 from app.runner.fstree import DIR_FLAGS, MAX_OUTPUT_DEPTH, remove_tree, walk_folder
 from app.runner.launcher import JOB_TAKEN, READY
 
@@ -539,8 +540,7 @@ class WarmPool:
         # runs of killed sandboxes still move their output out of the slot before discarding
         if self._in_use:
             self._drained = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), CLOSE_WAIT_SEC)
+            await wait_event(self._drained, CLOSE_WAIT_SEC)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 

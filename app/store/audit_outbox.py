@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from app.aio import wait_event
 from app.domain.audit import PreparedRecord, prepare_record
 from app.store import filelock as fcntl  # fcntl.flock, or a fail-closed stand-in (Windows)
 from app.store import hot
@@ -140,8 +141,7 @@ class AuditDrainer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.every)
+            await wait_event(self._kick, self.every)
             self._kick.clear()
 
     async def drain(self, *, wait: bool = False) -> int:

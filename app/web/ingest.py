@@ -46,6 +46,7 @@ from typing import Any, Final
 import httptools
 from aiohttp import web
 
+from app.aio import wait_event
 from app.config import Settings
 from app.errors import AppError
 from app.github.webhooks import SIGNATURE_HEADER, check_delivery
@@ -528,8 +529,7 @@ class IngestFront:
                 await self._sweeper
         for conn in list(self.conns):
             conn.shut()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+        await wait_event(self._idle, timeout)
         for conn in list(self.conns):
             if conn.transport is not None:
                 conn.transport.abort()

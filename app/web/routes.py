@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import re
 import time
@@ -13,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import text
 
+from app.aio import wait_event
 from app.errors import AppError
 from app.github.webhooks import check_delivery
 from app.runner.bundle import BundleError, store_bundle
@@ -353,8 +353,7 @@ async def cast_events(request: web.Request) -> web.StreamResponse:
                 # Resumed after the terminal event: nothing more will come.
                 await resp.write_eof()
                 return resp
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), 1.0)
+            await wait_event(wake, 1.0)
             if time.monotonic() > keepalive_at:
                 await resp.write(b": keep-alive\n\n")
                 keepalive_at = time.monotonic() + 15

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from app.aio import wait_event
 from app.bus.jetstream import BusUnavailable
 from app.services.ports import Message, Queue
 from app.store.db import database_unavailable as _db_unavailable
@@ -120,8 +121,7 @@ class OutboxRelay:
                     else:
                         log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(self.poll_interval)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.poll_interval)
+            await wait_event(self._kick, self.poll_interval)
             self._kick.clear()
 
 
@@ -196,8 +196,7 @@ class RunConsumer:
         end ``task`` (the one running :meth:`run`). False if runs were still going at
         ``timeout``: they are cancelled, and their casts come back through the lease reaper."""
         self.stopping.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
+        await wait_event(self._idle, timeout)
         drained = self.busy == 0
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
