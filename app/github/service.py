@@ -30,10 +30,11 @@ from app.observability.tracing import new_traceparent
 from app.services.platform import CastOrigin, Platform
 from app.services.ports import Message
 from app.services.tokens import Caller
+from app.store import hot
 from app.store.github_store import GitHubStore
 from app.store.inbox import Inbox
 from app.store.ledger import new_id
-from app.store.models import Artifact, Cast, CastTarget
+from app.store.models import Artifact, AuditOutbox, Cast, CastTarget
 
 log = logging.getLogger("spell.github")
 
@@ -103,6 +104,7 @@ class GitHubService:
                 cast_id,
                 error_code="INTERNAL",
                 error_message="the workflow could not be dispatched; nothing was charged",
+                audit=self._ended_audit(),
             )
             if done is not None:
                 await self._ended(done)
@@ -166,6 +168,7 @@ class GitHubService:
                 succeeded=False,
                 error_code="WORKFLOW_NOT_FOUND",
                 error_message=f"workflow {wf['workflow_id']!r} was not found in {target.repo}",
+                audit=self._ended_audit(),
             )
             if done is not None:
                 await self._ended(done)
@@ -173,7 +176,20 @@ class GitHubService:
         now = self.platform.clock.now()
         run_id = int(details["workflow_run_id"]) if details else None
         run_url = str(details.get("html_url") or "") if details else None
-        await self.store.update_target(cast_id, dispatched_at=now, run_id=run_id)
+        # the record commits with dispatched_at (what makes a redelivered job stop above)
+        dispatched = AuditOutbox(
+            event_id=new_id("ev"),
+            event="cast.dispatched",
+            actor="github",
+            cast_id=cast_id,
+            traceparent=cast.traceparent,
+            data={"repo": target.repo, "run_id": run_id},
+            created_at=now,
+        )
+        await self.store.update_target(
+            cast_id, audit=[dispatched], dispatched_at=now, run_id=run_id
+        )
+        self.platform.kick_audit()
         if run_url:
             await ledger.set_run_url(cast_id, run_url)
         await ledger.append_events(
@@ -182,13 +198,6 @@ class GitHubService:
             attempt=claim.attempt,
         )
         self.platform.hub.notify(cast_id)
-        await self.platform.audit.append(
-            "cast.dispatched",
-            actor="github",
-            cast_id=cast_id,
-            traceparent=cast.traceparent,
-            data={"repo": target.repo, "run_id": run_id},
-        )
         await self._feedback(cast_id, reaction="rocket")
 
     async def on_notify_job(self, msg: Message) -> None:
@@ -225,6 +234,7 @@ class GitHubService:
                 succeeded=False,
                 error_code="TIMEOUT" if conclusion == "timed_out" else "SPELL_FAILED",
                 error_message=f"the workflow run ended {conclusion}",
+                audit=self._ended_audit(),
             )
         else:
             arts = await self.client.list_run_artifacts(target.installation_id, owner, name, run_id)
@@ -254,6 +264,7 @@ class GitHubService:
                 cost_cents=cost,
                 artifact=artifact,
                 usage=meter_quantities(doc.pricing, used),
+                audit=self._ended_audit(),
             )
         if done is not None:
             await self._ended(done)
@@ -303,6 +314,7 @@ class GitHubService:
                 succeeded=False,
                 error_code="TIMEOUT",
                 error_message="the workflow run did not complete within the spell's timeout_sec",
+                audit=self._ended_audit(),
             )
             if done is not None:
                 n += 1
@@ -329,28 +341,48 @@ class GitHubService:
         await self.store.update_target(cast_id, run_id=run_id)
         return run_id
 
+    def _ended_audit(self) -> hot.AuditOf:
+        """``cast.succeeded``/``cast.failed`` (+ ``ledger.charge``) of a cast this service
+        ends, committed with the end (the audit outbox); see :meth:`_ended`."""
+        now = self.platform.clock.now()
+
+        def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
+            charged = int(c["cost_cents"] or 0)
+            rows = [
+                hot.AuditRow(
+                    event_id=new_id("ev"),
+                    event=f"cast.{c['status']}",
+                    at=now,
+                    actor="github",
+                    cast_id=c["id"],
+                    input_hash=c["input_hash"],
+                    amount_cents=charged,
+                    currency=c["currency"],
+                    traceparent=c["traceparent"],
+                    data={"error": {"code": c["error_code"]}} if c["error_code"] else {},
+                )
+            ]
+            if charged > 0:
+                rows.append(
+                    hot.AuditRow(
+                        event_id=new_id("ev"),
+                        event="ledger.charge",
+                        at=now,
+                        actor="github",
+                        cast_id=c["id"],
+                        amount_cents=charged,
+                        currency=c["currency"],
+                        data={"account": c["caster_id"], "method": "ledger"},
+                    )
+                )
+            return rows
+
+        return audit
+
     async def _ended(self, cast: Cast) -> None:
+        """After a cast ended (its audit records committed with it: :meth:`_ended_audit`)."""
+        self.platform.kick_audit()
         self.platform.hub.notify(cast.id)
-        charged = cast.cost_cents or 0
-        await self.platform.audit.append(
-            f"cast.{cast.status}",
-            actor="github",
-            cast_id=cast.id,
-            input_hash=cast.input_hash,
-            amount_cents=charged,
-            currency=cast.currency,
-            traceparent=cast.traceparent,
-            data={"error": {"code": cast.error_code}} if cast.error_code else {},
-        )
-        if charged > 0:
-            await self.platform.audit.append(
-                "ledger.charge",
-                actor="github",
-                cast_id=cast.id,
-                amount_cents=charged,
-                currency=cast.currency,
-                data={"account": cast.caster_id, "method": "ledger"},
-            )
         self.platform.metrics.cast_count.labels(status=cast.status).inc()
         if cast.error_code:
             self.platform.metrics.errors_by_code.labels(code=cast.error_code).inc()

@@ -237,26 +237,42 @@ class Platform:
             ).hexdigest()
         )
         self._spells.clear()
+        from app.store.ledger import new_id
+        from app.store.models import AuditOutbox
+
+        # committed with the new version only (the audit outbox)
+        published = AuditOutbox(
+            event_id=new_id("ev"),
+            event="spell.published",
+            actor=caller.principal_id,
+            data={"spell_id": doc.id, "version": doc.version, "document_hash": doc_hash},
+            created_at=self.clock.now(),
+        )
         spell, version, created = await self.ledger.publish_spell(
             doc,
             author_id=caller.account_id,
             doc_hash=doc_hash,
             price_cents=estimate_cents(doc.pricing),
+            audit=[published],
         )
         if created:
-            await self.audit.append(
-                "spell.published",
-                actor=caller.principal_id,
-                data={"spell_id": doc.id, "version": doc.version, "document_hash": doc_hash},
-            )
+            self.kick_audit()
         return self.spell_detail(spell, version, await self.ledger.list_versions(spell.id)), created
 
     async def register_bundle(self, caller: Caller, digest: str, size: int) -> None:
         caller.require("spell:publish")
-        await self.ledger.add_bundle(digest, size, caller.account_id)
-        await self.audit.append(
-            "bundle.uploaded", actor=caller.principal_id, data={"digest": digest, "size": size}
+        from app.store.ledger import new_id
+        from app.store.models import AuditOutbox
+
+        uploaded = AuditOutbox(  # committed with the bundle's row (the audit outbox)
+            event_id=new_id("ev"),
+            event="bundle.uploaded",
+            actor=caller.principal_id,
+            data={"digest": digest, "size": size},
+            created_at=self.clock.now(),
         )
+        await self.ledger.add_bundle(digest, size, caller.account_id, audit=[uploaded])
+        self.kick_audit()
 
     # ------------------------------------------------------------------ reading spells
 
@@ -704,6 +720,8 @@ class Platform:
                 detail={"path": "/monthly_cents"},
             )
         acct = self._caps_account(caller, req.account)
+        from app.store.ledger import new_id
+        from app.store.models import AuditOutbox
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
             view = await self.ledger.set_caps(
@@ -714,18 +732,24 @@ class Platform:
                 set_monthly="monthly_cents" in body,
                 set_total="total_cents" in body,
             )
+            # committed with the caps and the Idempotency-Key (the audit outbox)
+            s.add(
+                AuditOutbox(
+                    event_id=new_id("ev"),
+                    event="caps.set",
+                    actor=caller.principal_id,
+                    data={
+                        "account": acct,
+                        **{k: body[k] for k in ("monthly_cents", "total_cents") if k in body},
+                    },
+                    created_at=self.clock.now(),
+                )
+            )
             return 200, self.caps_json(view)
 
         status, resp, replayed = await self.ledger.run_idempotent(
             caller.principal_id, idempotency_key, rhash, work
         )
         if not replayed:
-            await self.audit.append(
-                "caps.set",
-                actor=caller.principal_id,
-                data={
-                    "account": acct,
-                    **{k: body[k] for k in ("monthly_cents", "total_cents") if k in body},
-                },
-            )
+            self.kick_audit()
         return status, resp, replayed

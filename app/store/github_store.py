@@ -3,14 +3,14 @@ where each GitHub-driven cast lives (comment, check run, workflow run)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import delete, select, update
 
 from app.services.ports import Clock
 from app.store.ledger import SqlLedger
-from app.store.models import CastTarget, GitHubInstallation, GitHubLink, GitHubRepo
+from app.store.models import AuditOutbox, CastTarget, GitHubInstallation, GitHubLink, GitHubRepo
 
 
 def _norm(name: str) -> str:
@@ -174,7 +174,11 @@ class GitHubStore:
         async with self.ledger.reader() as s:
             return await s.get(CastTarget, cast_id)
 
-    async def update_target(self, cast_id: str, **values: Any) -> None:
+    async def update_target(
+        self, cast_id: str, *, audit: Sequence[AuditOutbox] = (), **values: Any
+    ) -> None:
+        """Set columns of a cast's target, and ``audit`` (its audit outbox rows) in the same
+        transaction."""
         async with self.ledger.write() as s:
             await s.execute(
                 update(CastTarget)
@@ -182,6 +186,7 @@ class GitHubStore:
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
+            s.add_all(audit)
 
     async def claim_field(self, cast_id: str, field: str) -> bool:
         """Claim the right to create a GitHub object (``bot_comment_id``/``check_run_id``):

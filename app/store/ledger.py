@@ -321,7 +321,11 @@ class SqlLedger:
 
     # ------------------------------------------------------------------ bundles & spells
 
-    async def add_bundle(self, digest: str, size: int, account_id: str) -> None:
+    async def add_bundle(
+        self, digest: str, size: int, account_id: str, *, audit: Sequence[AuditOutbox] = ()
+    ) -> None:
+        """Record an uploaded bundle, and ``audit`` (its audit outbox rows) in the same
+        transaction."""
         async with self.write() as s:
             await s.execute(
                 self._insert(Bundle)
@@ -333,18 +337,26 @@ class SqlLedger:
                 )
                 .on_conflict_do_nothing(index_elements=["digest", "uploaded_by"])
             )
+            s.add_all(audit)
 
     async def bundle_owned(self, digest: str, account_id: str) -> bool:
         async with self.reader() as s:
             return (await s.get(Bundle, (digest, account_id))) is not None
 
     async def publish_spell(
-        self, doc: SpellDocument, *, author_id: str, doc_hash: str, price_cents: int
+        self,
+        doc: SpellDocument,
+        *,
+        author_id: str,
+        doc_hash: str,
+        price_cents: int,
+        audit: Sequence[AuditOutbox] = (),
     ) -> tuple[Spell, SpellVersion, bool]:
         """Store a spell version. Returns ``(spell, version, created)``.
 
         Re-publishing an identical version is a no-op; a different document under an existing
-        version is a 409; only the author may publish new versions of a spell.
+        version is a 409; only the author may publish new versions of a spell. ``audit`` (its
+        audit outbox rows) is committed with a new version only.
         """
         now = self.clock.now()
         dumped = doc.model_dump(mode="json", exclude_none=True)
@@ -410,6 +422,7 @@ class SqlLedger:
                     spell.currency = doc.pricing.currency
                     spell.updated_at = now
                 s.add(version)
+                s.add_all(audit)
                 await s.flush()
                 return spell, version, True
         except IntegrityError:
@@ -741,21 +754,33 @@ class SqlLedger:
             return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     async def fail_unfinished(
-        self, cast_id: str, *, error_code: str, error_message: str
+        self,
+        cast_id: str,
+        *,
+        error_code: str,
+        error_message: str,
+        audit: hot.AuditOf | None = None,
     ) -> Cast | None:
         """Fail a cast that cannot be run (e.g. its run request was dead-lettered); releases
-        its reservation. Works whether it is still queued or stranded as running."""
+        its reservation. Works whether it is still queued or stranded as running. ``audit``
+        makes the audit records committed with it (the audit outbox)."""
         now = self.clock.now()
         billing = self.billing_enabled
-        row = await self.fast.run(
-            lambda: hot.fail_unfinished(
+
+        def program() -> Program[dict[str, Any] | None]:
+            cast = yield from hot.fail_unfinished(
                 cast_id,
                 error_code=error_code,
                 error_message=error_message,
                 billing=billing,
                 now=now,
             )
-        )
+            if cast is not None and audit is not None:
+                for rec in audit(cast):
+                    yield hot.audit_stmt(rec)
+            return cast
+
+        row = await self.fast.run(program)
         return None if row is None else Cast(**row)
 
     async def set_run_url(self, cast_id: str, run_url: str) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from app.aio import wait_event
 from app.bus.jetstream import BusUnavailable
 from app.services.ports import Message, Queue
+from app.store import hot
 from app.store.db import database_unavailable as _db_unavailable
-from app.store.ledger import SqlLedger
+from app.store.ledger import SqlLedger, new_id
 from app.worker.runs import RunExecutor
 
 log = logging.getLogger("spell.worker")
@@ -288,26 +290,36 @@ class RunConsumer:
         message: str = "the platform could not run this cast; nothing was charged",
     ) -> None:
         """The last delivery failed too: end the cast (releasing its money), then drop it."""
-        try:
-            done = await self.executor.ledger.fail_unfinished(
-                cast_id, error_code="INTERNAL", error_message=message
-            )
-            if done is not None:
-                self.executor.platform.hub.notify(cast_id)
-                self.executor.platform.kick_outbox()
-                await self.executor.platform.audit.append(
-                    "cast.failed",
+        now = self.executor.platform.clock.now()
+
+        def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
+            """``cast.failed``, committed with the failure (the audit outbox)."""
+            return [
+                hot.AuditRow(
+                    event_id=new_id("ev"),
+                    event="cast.failed",
+                    at=now,
                     actor="worker",
                     cast_id=cast_id,
-                    input_hash=done.input_hash,
+                    input_hash=c["input_hash"],
                     amount_cents=0,
-                    currency=done.currency,
-                    traceparent=done.traceparent,
+                    currency=c["currency"],
+                    traceparent=c["traceparent"],
                     data={
                         "error": {"code": "INTERNAL", "message": message},
-                        "released_cents": done.estimate_cents,
+                        "released_cents": c["estimate_cents"],
                     },
                 )
+            ]
+
+        try:
+            done = await self.executor.ledger.fail_unfinished(
+                cast_id, error_code="INTERNAL", error_message=message, audit=audit
+            )
+            if done is not None:
+                self.executor.platform.kick_audit()
+                self.executor.platform.hub.notify(cast_id)
+                self.executor.platform.kick_outbox()
         except Exception:
             log.exception("could not fail cast %s; the lease reaper will retry it", cast_id)
             await msg.nak(delay=5.0)

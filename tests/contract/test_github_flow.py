@@ -16,11 +16,19 @@ from typing import Any
 import pytest
 
 from app.config import Settings
+from app.store.auditlog import verify_file
 from app.store.github_store import GitHubStore
 from app.web.app import Overrides, create_app
 from tests.conftest import FakeSandbox, Harness
 from tests.contract.contracts import webhook_examples
 from tests.contract.fake_github import FakeGitHub
+from tests.contract.test_audit_outbox_records import (
+    as_committed,
+    drained,
+    drains_held,
+    in_file,
+    pending,
+)
 
 SECRET = "webhook-secret-for-tests"
 REPO = "octo-org/app-repo"
@@ -115,6 +123,23 @@ async def dispatch_recorded(h: Harness, cast_id: str) -> None:
         return target is not None and target.dispatched_at is not None
 
     await until(recorded)
+
+
+class JobMsg:
+    """A job delivery, for calling a handler directly."""
+
+    msg_id = "m"
+    num_delivered = 1
+    dead = False
+
+    def __init__(self, payload: dict[str, Any], *, subject: str) -> None:
+        self.payload = payload
+        self.subject = subject
+        self.headers: dict[str, str] = {}
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float | None = None) -> None: ...
+    async def in_progress(self) -> None: ...
 
 
 class Later:
@@ -575,3 +600,113 @@ async def test_without_run_details_the_run_is_found_by_its_name_to_cancel_it(
     assert len(cancels) == 1
     run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
     assert str(run.id) in cancels[0].path
+
+
+# ---------------------------------------------------------------------- the audit outbox
+
+
+async def test_dispatch_and_completion_commit_their_audit_records_with_them(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    """``cast.dispatched`` commits with the target's dispatched_at, ``cast.succeeded`` and
+    ``ledger.charge`` with the end of the cast: none is appended behind the drainer's back,
+    a redelivered job records nothing more, each reaches the file once after a drain."""
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+    gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
+    async with drains_held(h):
+        r = await h.client.post(
+            f"/v1/spells/{WF_SPELL}:cast",
+            json={"input": {"name": "a"}},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": "outbox"},
+        )
+        assert r.status == 202, await r.text()
+        cast_id = (await r.json())["cast_id"]
+        await dispatch_recorded(h, cast_id)
+        cast = await h.platform.ledger.get_cast(cast_id)
+        assert cast is not None
+        run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
+        [dispatched] = await pending(h, "cast.dispatched")
+        assert (dispatched["actor"], dispatched["cast_id"]) == ("github", cast_id)
+        assert dispatched["traceparent"] == cast.traceparent and cast.traceparent
+        assert dispatched["data"] == {"repo": REPO, "run_id": run.id}
+        assert (dispatched["amount_cents"], dispatched["input_hash"]) == (None, None)
+        assert in_file(h, "cast.dispatched") == []
+        # the dispatch job delivered again: nothing dispatched, nothing recorded
+        await gh.on_dispatch_job(JobMsg({"cast_id": cast_id}, subject="github.dispatch"))
+        assert len(fake.requests_for("actions/create-workflow-dispatch")) == 1
+        assert len(await pending(h, "cast.dispatched")) == 1
+
+        fake.complete_run(
+            run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"a": b"1"}}]
+        )
+        wr = example("workflow_run", action="completed")
+        wr["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
+        wr["repository"]["full_name"] = REPO
+        wr["workflow_run"]["id"] = run.id
+        wr["workflow_run"]["conclusion"] = "success"
+        wr["workflow_run"]["display_title"] = run.display_title
+        _r, delivery = await deliver(h, fake, "workflow_run", wr)
+        await processed(h, delivery)
+        [ended] = [r for r in await pending(h, "cast.succeeded") if r["cast_id"] == cast_id]
+        assert (ended["actor"], ended["amount_cents"], ended["currency"]) == ("github", 5, "USD")
+        assert (ended["input_hash"], ended["traceparent"]) == (cast.input_hash, cast.traceparent)
+        assert ended["data"] == {}
+        [charge] = [r for r in await pending(h, "ledger.charge") if r["cast_id"] == cast_id]
+        assert (charge["actor"], charge["amount_cents"], charge["currency"]) == ("github", 5, "USD")
+        assert charge["data"] == {"account": "ACME", "method": "ledger"}
+        assert in_file(h, "cast.succeeded") == in_file(h, "ledger.charge") == []
+        # the completion delivered again (a new delivery id): the cast ended, nothing more
+        _r, again = await deliver(h, fake, "workflow_run", wr)
+        await processed(h, again)
+        assert (
+            len(await pending(h, "cast.succeeded")) == len(await pending(h, "ledger.charge")) == 1
+        )
+    [record] = await drained(h, "cast.dispatched")
+    as_committed(record, dispatched)
+    [record] = await drained(h, "cast.succeeded")
+    as_committed(record, ended)
+    [record] = await drained(h, "ledger.charge")
+    as_committed(record, charge)
+    head = await h.platform.ledger.audit_head("main")
+    assert verify_file(h.settings.data_dir / "audit" / "audit.jsonl", expected_head=head).ok
+
+
+async def test_a_timed_out_or_undispatchable_cast_commits_its_failure_record_with_it(
+    gh_harness: Harness, fake: FakeGitHub
+) -> None:
+    h = gh_harness
+    await _setup(h, fake)
+    token = await h.token("ACME", "caster")
+    gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
+    ids = []
+    for key in ("slow", "dead"):
+        r = await h.client.post(
+            f"/v1/spells/{WF_SPELL}:cast",
+            json={"input": {}},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+        )
+        ids.append((await r.json())["cast_id"])
+    slow, dead = ids
+    await dispatch_recorded(h, slow)
+    await dispatch_recorded(h, dead)
+    async with drains_held(h):
+        h.platform.ledger.clock = Later(h.platform.ledger.clock, seconds=601)
+        # the dispatch job of one dead-lettered (as if): it fails; the other times out
+        await gh.on_dead_job(JobMsg({"cast_id": dead}, subject="github.dispatch"), "boom")
+        assert await gh.expire_overdue() == 1
+        rows = {r["cast_id"]: r for r in await pending(h, "cast.failed")}
+        assert rows[slow]["data"] == {"error": {"code": "TIMEOUT"}}
+        assert rows[dead]["data"] == {"error": {"code": "INTERNAL"}}
+        for row in rows.values():
+            assert (row["actor"], row["amount_cents"], row["currency"]) == ("github", 0, "USD")
+        assert await pending(h, "ledger.charge") == []
+        assert in_file(h, "cast.failed") == []
+        await gh.on_dead_job(JobMsg({"cast_id": dead}, subject="github.dispatch"), "boom")
+        assert await gh.expire_overdue() == 0
+        assert len(await pending(h, "cast.failed")) == 2
+    records = {r["cast_id"]: r for r in await drained(h, "cast.failed")}
+    assert set(records) == {slow, dead}
+    for cast_id, row in rows.items():
+        as_committed(records[cast_id], row)
