@@ -57,7 +57,7 @@ from app.store.billing_store import SUBSCRIBED, BillingStore
 from app.store.hot import AuditRow
 from app.store.inbox import Inbox
 from app.store.ledger import SqlLedger, new_id
-from app.store.models import BillingCharge, BillingUsage, Cast
+from app.store.models import BillingCharge, BillingRefund, BillingUsage, Cast
 
 log = logging.getLogger("spell.billing")
 
@@ -1045,9 +1045,10 @@ class BillingService:
     ) -> list[str]:
         """Every difference between the ledger and Stripe, as readable lines (empty: none)."""
         problems: list[str] = []
-        for charge in await self.store.charges():
-            if since is not None and charge.created_at < since:
-                continue
+        # read once: the charges (both kinds) and the refunds (when a charge first needs them)
+        charges = [c for c in await self.store.charges() if since is None or c.created_at >= since]
+        refunds: list[BillingRefund] | None = None
+        for charge in charges:
             lines = await self.store.lines_of(charge.id)
             owed = sum(line.amount_cents for line in lines)
             if charge.kind == "payment_intent" and charge.status == "succeeded":
@@ -1070,9 +1071,11 @@ class BillingService:
                     for r in await self.stripe.list_refunds(charge.stripe_id)
                     if r.get("status") in ("succeeded", "pending")
                 )
+                if refunds is None:
+                    refunds = await self.store.refunds()
                 ours = sum(
                     r.amount_cents
-                    for r in await self.store.refunds()
+                    for r in refunds
                     if r.charge_id == charge.id
                     and r.method == "stripe_refund"
                     and r.status == "succeeded"
@@ -1088,19 +1091,18 @@ class BillingService:
                 )
             if charge.status == "error":
                 problems.append(f"{charge.id}: collection failed for good (see the logs)")
-        problems += await self._reconcile_invoice_items(since)
+        problems += await self._reconcile_invoice_items(charges, since)
         problems += await self._reconcile_usage(since, until)
         return problems
 
-    async def _reconcile_invoice_items(self, since: datetime | None) -> list[str]:
+    async def _reconcile_invoice_items(
+        self, recent: Sequence[BillingCharge], since: datetime | None
+    ) -> list[str]:
         """Charges carried to an invoice (below the minimum at month end) against the
-        customer's invoice items at Stripe, both ways."""
+        customer's invoice items at Stripe, both ways. ``recent``: the ledger's charges
+        created since ``since``, of both kinds (:meth:`reconcile` read them)."""
         problems: list[str] = []
-        ours = [
-            c
-            for c in await self.store.charges()
-            if c.kind == "invoice_item" and (since is None or c.created_at >= since)
-        ]
+        ours = [c for c in recent if c.kind == "invoice_item"]
         by_account: dict[str, list[BillingCharge]] = {}
         for c in ours:
             by_account.setdefault(c.account_id, []).append(c)

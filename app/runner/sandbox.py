@@ -1579,7 +1579,8 @@ def process_budget_error(
     Without a uid pool every sandbox (idle warm ones and running ones) shares one uid, whose
     ``RLIMIT_NPROC`` (``max_procs``) counts all of their processes: their fixed
     :data:`PROCS_PER_SANDBOX` each must stay within half of it, leaving the rest to the spells.
-    Call at start-up and refuse to start on a message.
+    ``workers``: the casts the process runs at once (``SPELL_WORKERS``, or ``spell worker
+    --concurrency`` when given). Call at start-up and refuse to start on a message.
     """
     if uid_pool:
         return None
@@ -1587,10 +1588,11 @@ def process_budget_error(
     if fixed <= max_procs // 2:
         return None
     return (
-        f"SPELL_SANDBOX_WARM ({warm}) + SPELL_WORKERS ({workers}) sandboxes keep {fixed} "
-        f"processes of the one sandbox uid, over half of its process limit ({max_procs}): "
-        f"spells would fail to start. Lower them (at most {max_procs // 2 // PROCS_PER_SANDBOX} "
-        "in all) or set SPELL_SANDBOX_UID_POOL (one uid per sandbox)"
+        f"SPELL_SANDBOX_WARM ({warm}) + {workers} concurrent runs (SPELL_WORKERS or "
+        f"`spell worker --concurrency`): their sandboxes keep {fixed} processes of the one "
+        f"sandbox uid, over half of its process limit ({max_procs}): spells would fail to "
+        f"start. Lower them (at most {max_procs // 2 // PROCS_PER_SANDBOX} in all) or set "
+        "SPELL_SANDBOX_UID_POOL (one uid per sandbox)"
     )
 
 

@@ -246,13 +246,7 @@ class AuditLog:
         ``RuntimeError`` if the log is not open. Cancelling the caller does not withdraw a record
         that is already queued.
         """
-        if self._writer is None or self._closing:
-            raise RuntimeError("audit log is not open")
-        if self._broken is not None:
-            raise RuntimeError(
-                f"audit log {self.path} stopped after fsync failed ({self._broken}); "
-                "restart the process and run `spell audit verify`"
-            )
+        self._check_open()
         # Validation and redaction happen here, so a bad record fails only its own caller.
         prepared = prepare_record(
             event=event,
@@ -264,16 +258,17 @@ class AuditLog:
             traceparent=traceparent,
             data=data or {},
         )
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = _Entry(prepared, future)
-        self._pending.append(entry)
-        self._wakeup.set()
+        (future,) = self._enqueue([prepared])
         return await future
 
     async def append_prepared(self, records: list[PreparedRecord]) -> list[dict[str, Any]]:
         """Append records prepared by the caller (:func:`app.domain.audit.prepare_record`, e.g.
         with their own event time), queued together: one batch, one fsync when the writer is
         idle. Returns them as written; raises like :meth:`append`."""
+        self._check_open()
+        return list(await asyncio.gather(*self._enqueue(records)))
+
+    def _check_open(self) -> None:
         if self._writer is None or self._closing:
             raise RuntimeError("audit log is not open")
         if self._broken is not None:
@@ -281,11 +276,16 @@ class AuditLog:
                 f"audit log {self.path} stopped after fsync failed ({self._broken}); "
                 "restart the process and run `spell audit verify`"
             )
+
+    def _enqueue(self, records: list[PreparedRecord]) -> list[asyncio.Future[dict[str, Any]]]:
+        """Queue records for the writer (one batch when it is idle): the one path of
+        :meth:`append` and :meth:`append_prepared`. Each future is the record as written and
+        fsynced (or the write's error); cancelling one does not withdraw its record."""
         loop = asyncio.get_running_loop()
         entries = [_Entry(p, loop.create_future()) for p in records]
         self._pending.extend(entries)
         self._wakeup.set()
-        return list(await asyncio.gather(*(e.future for e in entries)))
+        return [e.future for e in entries]
 
     # -- writer ------------------------------------------------------------------------------
 

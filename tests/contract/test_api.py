@@ -454,4 +454,6 @@ async def test_the_process_budget_counts_the_concurrency_the_process_runs_with(
     client = await aiohttp_client(app)
     ready = await client.get("/readyz")
     assert ready.status == 503
-    assert "SPELL_SANDBOX_UID_POOL" in (await ready.json())["checks"]["sandbox"]
+    reason = (await ready.json())["checks"]["sandbox"]
+    assert "SPELL_SANDBOX_UID_POOL" in reason
+    assert "+ 20 concurrent runs (SPELL_WORKERS or `spell worker --concurrency`)" in reason

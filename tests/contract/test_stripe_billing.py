@@ -620,6 +620,39 @@ async def test_reconcile_finds_an_injected_discrepancy(h: Harness, fake: FakeStr
     assert len(problems) == 1 and "55" in problems[0] and pi["id"] in problems[0]
 
 
+async def test_reconcile_reads_the_charges_and_the_refunds_once(
+    h: Harness, fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await paid_spell(h, 60)
+    bob = await caster(h, fake)
+    billing = billing_of(h)
+    for _ in range(2):  # two charges at Stripe, each partly refunded
+        cast_id = await cast_ok(h, bob)
+        await charge_settled(h, cast_id)
+        await billing.refund_cast(cast_id, amount=10, reason="sla", actor="operator")
+    store = billing.store
+    reads = {"charges": 0, "refunds": 0}  # whole-table reads (no account or cast filter)
+
+    def counted(name: str) -> Any:
+        real = getattr(store, name)
+
+        async def read(key: str | None = None) -> Any:
+            reads[name] += key is None
+            return await real(key)
+
+        return read
+
+    for name in reads:
+        monkeypatch.setattr(store, name, counted(name))
+    assert [c.kind for c in await store.charges("bob")] == ["payment_intent"] * 2
+    assert await billing.reconcile() == []
+    assert reads == {"charges": 1, "refunds": 1}
+    [refund, _] = fake.refunds.values()
+    refund["amount"] = 11  # Stripe refunded more than the ledger knows of
+    problems = await billing.reconcile()
+    assert len(problems) == 1 and "ledger refunded 10, Stripe refunded 11" in problems[0]
+
+
 async def test_an_unfinished_refund_is_resumed_with_its_own_key(
     h: Harness, fake: FakeStripe
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.audit import GENESIS
+from app.domain.audit import GENESIS, PreparedRecord, prepare_record
 from app.store.auditlog import AuditLog, AuditLogCorrupt, read_head, verify_file
 
 GHS = "ghs_" + "Zx9" * 40
@@ -284,6 +284,46 @@ async def test_a_bad_append_fails_alone(log_path: Path) -> None:
             await audit.append("x", data={"bad": float("inf")})
         ok = await audit.append("cast.settled", amount_cents=150, currency="EUR")
     assert ok["seq"] == 1
+
+
+async def test_append_and_append_prepared_share_one_queue(log_path: Path) -> None:
+    """Queued together, ``append`` and ``append_prepared`` records are one batch of one chain,
+    and a caller cancelled after queueing does not withdraw its record."""
+
+    def prepared(event: str) -> PreparedRecord:
+        return prepare_record(
+            event=event,
+            actor=None,
+            cast_id=None,
+            input_hash=None,
+            amount_cents=None,
+            currency=None,
+            traceparent=None,
+            data={},
+        )
+
+    async with AuditLog(log_path) as audit:
+        first = await audit.append("first")
+        batches = audit.batch_count
+        single = asyncio.create_task(audit.append("single", cast_id="cst_1"))
+        cancelled = asyncio.create_task(audit.append("cancelled"))
+        many = asyncio.create_task(audit.append_prepared([prepared("a"), prepared("b")]))
+        await asyncio.sleep(0)  # all three are queued; the writer has not taken them yet
+        cancelled.cancel()
+        written = [await single, *await many]
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert audit.batch_count == batches + 1
+    assert [(r["seq"], r["event"]) for r in written] == [(2, "single"), (4, "a"), (5, "b")]
+    assert written[0]["prev"] == first["hash"] and written[0]["cast_id"] == "cst_1"
+    assert [json.loads(line)["event"] for line in lines_of(log_path)] == [
+        "first",
+        "single",
+        "cancelled",
+        "a",
+        "b",
+    ]
+    assert verify_file(log_path).ok
 
 
 async def test_close_flushes_pending_and_later_appends_fail(log_path: Path) -> None:

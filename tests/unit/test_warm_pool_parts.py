@@ -233,6 +233,11 @@ def test_settings_that_starve_the_shared_uid_of_processes_are_refused() -> None:
     assert process_budget_error(warm=5, workers=5, uid_pool=()) is None  # 30 <= 32
     msg = process_budget_error(warm=20, workers=4, uid_pool=())
     assert msg is not None and "SPELL_SANDBOX_UID_POOL" in msg
+    # the runs are SPELL_WORKERS or `spell worker --concurrency`, whichever the process uses
+    assert msg.startswith(
+        "SPELL_SANDBOX_WARM (20) + 4 concurrent runs (SPELL_WORKERS or `spell worker "
+        "--concurrency`): their sandboxes keep 72 processes"
+    ), msg
     assert process_budget_error(warm=20, workers=4, uid_pool=range(200000, 200064)) is None
 
 
