@@ -675,9 +675,16 @@ def finish(
 
 
 def fail_unfinished(
-    cast_id: str, *, error_code: str, error_message: str, billing: bool, now: datetime
+    cast_id: str,
+    *,
+    error_code: str,
+    error_message: str,
+    billing: bool,
+    now: datetime,
+    audit: AuditOf | None = None,
 ) -> Program[dict[str, Any] | None]:
-    """Fail a queued or stranded cast that cannot run; releases its reservation."""
+    """Fail a queued or stranded cast that cannot run; releases its reservation (and writes
+    the audit records ``audit`` makes of the failed cast)."""
     res = yield Stmt(
         "UPDATE casts SET status = 'failed', finished_at = ?, cost_cents = 0, error_code = ?,"
         " error_message = ?, event_seq = event_seq + 1"
@@ -698,6 +705,9 @@ def fail_unfinished(
         {"status": "failed", "error": {"code": error_code, "message": error_message}},
         now,
     )
+    if audit is not None:
+        for rec in audit(cast):
+            yield audit_stmt(rec)
     return cast
 
 

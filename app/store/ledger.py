@@ -767,20 +767,16 @@ class SqlLedger:
         now = self.clock.now()
         billing = self.billing_enabled
 
-        def program() -> Program[dict[str, Any] | None]:
-            cast = yield from hot.fail_unfinished(
+        row = await self.fast.run(
+            lambda: hot.fail_unfinished(
                 cast_id,
                 error_code=error_code,
                 error_message=error_message,
                 billing=billing,
                 now=now,
+                audit=audit,
             )
-            if cast is not None and audit is not None:
-                for rec in audit(cast):
-                    yield hot.audit_stmt(rec)
-            return cast
-
-        row = await self.fast.run(program)
+        )
         return None if row is None else Cast(**row)
 
     async def set_run_url(self, cast_id: str, run_url: str) -> None:
