@@ -9,6 +9,7 @@ pass; the SQLite pass says so with ``SPELL_TEST_PASS=sqlite``, and a plain ``pyt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -224,6 +225,30 @@ class Harness:
     @property
     def platform(self) -> Any:
         return self.client.app[PLATFORM]  # type: ignore[index]
+
+    @contextlib.asynccontextmanager
+    async def drains_held(self) -> AsyncIterator[None]:
+        """No audit drainer appends anything meanwhile (what a crash right after a commit
+        leaves): the outbox drain lock is ours."""
+        from app.store.audit_outbox import lock_path
+        from app.store.filelock import try_lock, unlock
+
+        lock = lock_path(self.platform.audit.path)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (fd := try_lock(lock)) is None:  # the app's drainer may be in a drain right now
+            assert asyncio.get_running_loop().time() < deadline, "the drain lock was never free"
+            await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            unlock(fd)
+
+    async def pending_audit(self, event: str) -> list[dict[str, Any]]:
+        """The ``event`` audit records committed and not yet in the file (the audit outbox)."""
+        from app.store import hot
+
+        rows = await self.platform.ledger.fast.run(lambda: hot.pending_audit(100_000), atomic=False)
+        return [r for r in rows if r["event"] == event]
 
     async def token(self, account: str, role: str, ttl: int | None = None) -> str:
         tok, _ = await self.platform.issue_token(account, role, ttl=ttl)

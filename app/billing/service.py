@@ -56,7 +56,7 @@ from app.services.tokens import Caller
 from app.store.billing_store import SUBSCRIBED, BillingStore
 from app.store.hot import AuditRow
 from app.store.inbox import Inbox
-from app.store.ledger import SqlLedger, new_id
+from app.store.ledger import SqlLedger
 from app.store.models import BillingCharge, BillingRefund, BillingUsage, Cast
 
 log = logging.getLogger("spell.billing")
@@ -132,33 +132,11 @@ class BillingService:
         #: the last scheduled reconciliation: when, and the differences it found
         self.last_reconcile: tuple[datetime, list[str]] | None = None
 
-    def _record(
-        self,
-        event: str,
-        *,
-        actor: str,
-        cast_id: str | None = None,
-        input_hash: str | None = None,
-        amount_cents: int | None = None,
-        currency: str | None = None,
-        traceparent: str | None = None,
-        data: Mapping[str, Any],
-    ) -> AuditRow:
+    def _record(self, event: str, **fields: Any) -> AuditRow:
         """An audit record for the audit outbox: written in the transaction of the state change
         it records (a crash after that commit cannot lose it), appended to the file by the
         drainer (``ts`` = now, ``data.event_id`` added)."""
-        return AuditRow(
-            event_id=new_id("ev"),
-            event=event,
-            at=self.store.clock.now(),
-            actor=actor,
-            cast_id=cast_id,
-            input_hash=input_hash,
-            amount_cents=amount_cents,
-            currency=currency,
-            traceparent=traceparent,
-            data=data,
-        )
+        return AuditRow(event=event, at=self.store.clock.now(), **fields)
 
     # ------------------------------------------------------------------ the cast gate
 

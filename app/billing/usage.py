@@ -24,9 +24,10 @@ from app.domain.casts import request_hash
 from app.errors import AppError
 from app.services.platform import Platform, pydantic_error
 from app.services.tokens import Caller
-from app.store.billing_store import SUBSCRIBED, BillingStore, outbox_rows
+from app.store.billing_store import SUBSCRIBED, BillingStore
 from app.store.hot import AuditRow
-from app.store.ledger import new_id
+from app.store.ids import new_id
+from app.store.models import AuditOutbox
 
 #: Stripe accepts meter events up to 35 days old and 5 minutes ahead
 MAX_AGE_SEC = 35 * 24 * 3600
@@ -111,17 +112,14 @@ async def record_usage(
             s, account_id=account, ref=ref, usage=quantities, timestamp=ts, report=report
         )
         # its audit record commits with it (the audit outbox), not after
-        s.add_all(
-            outbox_rows(
-                [
-                    AuditRow(
-                        event_id=new_id("ev"),
-                        event="billing.usage",
-                        at=now,
-                        actor=caller.principal_id,
-                        data={"account": account, "usage_id": ref, "usage": quantities},
-                    )
-                ]
+        s.add(
+            AuditOutbox.of(
+                AuditRow(
+                    event="billing.usage",
+                    at=now,
+                    actor=caller.principal_id,
+                    data={"account": account, "usage_id": ref, "usage": quantities},
+                )
             )
         )
         return 201, {

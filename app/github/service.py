@@ -32,8 +32,8 @@ from app.services.ports import Message
 from app.services.tokens import Caller
 from app.store import hot
 from app.store.github_store import GitHubStore
+from app.store.ids import new_id
 from app.store.inbox import Inbox
-from app.store.ledger import new_id
 from app.store.models import Artifact, AuditOutbox, Cast, CastTarget
 
 log = logging.getLogger("spell.github")
@@ -177,14 +177,15 @@ class GitHubService:
         run_id = int(details["workflow_run_id"]) if details else None
         run_url = str(details.get("html_url") or "") if details else None
         # the record commits with dispatched_at (what makes a redelivered job stop above)
-        dispatched = AuditOutbox(
-            event_id=new_id("ev"),
-            event="cast.dispatched",
-            actor="github",
-            cast_id=cast_id,
-            traceparent=cast.traceparent,
-            data={"repo": target.repo, "run_id": run_id},
-            created_at=now,
+        dispatched = AuditOutbox.of(
+            hot.AuditRow(
+                event="cast.dispatched",
+                actor="github",
+                cast_id=cast_id,
+                traceparent=cast.traceparent,
+                data={"repo": target.repo, "run_id": run_id},
+                at=now,
+            )
         )
         await self.store.update_target(
             cast_id, audit=[dispatched], dispatched_at=now, run_id=run_id
@@ -350,7 +351,6 @@ class GitHubService:
             charged = int(c["cost_cents"] or 0)
             rows = [
                 hot.AuditRow(
-                    event_id=new_id("ev"),
                     event=f"cast.{c['status']}",
                     at=now,
                     actor="github",
@@ -365,7 +365,6 @@ class GitHubService:
             if charged > 0:
                 rows.append(
                     hot.AuditRow(
-                        event_id=new_id("ev"),
                         event="ledger.charge",
                         at=now,
                         actor="github",

@@ -37,7 +37,7 @@ from app.domain.oidc import (
 )
 from app.errors import AppError
 from app.services.platform import Platform
-from app.store.ledger import new_id
+from app.store.hot import AuditRow
 from app.store.models import AuditOutbox
 
 log = logging.getLogger("spell.oidc")
@@ -312,20 +312,21 @@ class OidcSignIn:
 
         def audit(jti: str, expires: datetime) -> AuditOutbox:
             """Its audit record, committed with the token's row (the audit outbox)."""
-            return AuditOutbox(
-                event_id=new_id("ev"),
-                event="oidc.token_issued",
-                actor=who.repository,
-                traceparent=traceparent,
-                data={
-                    "account": link.account_id,
-                    "role": link.role,
-                    "link": link.pattern,
-                    "jti": jti,
-                    "expires_at": expires.isoformat(),
-                    **who.audit_data(),
-                },
-                created_at=now,
+            return AuditOutbox.of(
+                AuditRow(
+                    event="oidc.token_issued",
+                    actor=who.repository,
+                    traceparent=traceparent,
+                    data={
+                        "account": link.account_id,
+                        "role": link.role,
+                        "link": link.pattern,
+                        "jti": jti,
+                        "expires_at": expires.isoformat(),
+                        **who.audit_data(),
+                    },
+                    at=now,
+                )
             )
 
         token, expires = await platform.issue_token(

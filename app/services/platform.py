@@ -237,16 +237,17 @@ class Platform:
             ).hexdigest()
         )
         self._spells.clear()
-        from app.store.ledger import new_id
+        from app.store.hot import AuditRow
         from app.store.models import AuditOutbox
 
         # committed with the new version only (the audit outbox)
-        published = AuditOutbox(
-            event_id=new_id("ev"),
-            event="spell.published",
-            actor=caller.principal_id,
-            data={"spell_id": doc.id, "version": doc.version, "document_hash": doc_hash},
-            created_at=self.clock.now(),
+        published = AuditOutbox.of(
+            AuditRow(
+                event="spell.published",
+                actor=caller.principal_id,
+                data={"spell_id": doc.id, "version": doc.version, "document_hash": doc_hash},
+                at=self.clock.now(),
+            )
         )
         spell, version, created = await self.ledger.publish_spell(
             doc,
@@ -261,15 +262,16 @@ class Platform:
 
     async def register_bundle(self, caller: Caller, digest: str, size: int) -> None:
         caller.require("spell:publish")
-        from app.store.ledger import new_id
+        from app.store.hot import AuditRow
         from app.store.models import AuditOutbox
 
-        uploaded = AuditOutbox(  # committed with the bundle's row (the audit outbox)
-            event_id=new_id("ev"),
-            event="bundle.uploaded",
-            actor=caller.principal_id,
-            data={"digest": digest, "size": size},
-            created_at=self.clock.now(),
+        uploaded = AuditOutbox.of(
+            AuditRow(  # committed with the bundle's row (the audit outbox)
+                event="bundle.uploaded",
+                actor=caller.principal_id,
+                data={"digest": digest, "size": size},
+                at=self.clock.now(),
+            )
         )
         await self.ledger.add_bundle(digest, size, caller.account_id, audit=[uploaded])
         self.kick_audit()
@@ -461,7 +463,7 @@ class Platform:
         now = self.clock.now()
         period = month_period(now)
         from app.store.hot import AuditRow, CapRefused, NewCast, PastDue
-        from app.store.ledger import new_id
+        from app.store.ids import new_id
 
         cast_id = new_id("c")
         if mode == "workflow":
@@ -511,7 +513,6 @@ class Platform:
             # the audit record commits with the cast (the audit outbox): a crash after the
             # commit cannot lose it, and the answer does not wait for the audit file's fsync
             audit=AuditRow(
-                event_id=new_id("ev"),
                 event="cast.accepted",
                 at=now,
                 actor=caller.principal_id,
@@ -720,7 +721,7 @@ class Platform:
                 detail={"path": "/monthly_cents"},
             )
         acct = self._caps_account(caller, req.account)
-        from app.store.ledger import new_id
+        from app.store.hot import AuditRow
         from app.store.models import AuditOutbox
 
         async def work(s: Any) -> tuple[int, dict[str, Any]]:
@@ -734,15 +735,16 @@ class Platform:
             )
             # committed with the caps and the Idempotency-Key (the audit outbox)
             s.add(
-                AuditOutbox(
-                    event_id=new_id("ev"),
-                    event="caps.set",
-                    actor=caller.principal_id,
-                    data={
-                        "account": acct,
-                        **{k: body[k] for k in ("monthly_cents", "total_cents") if k in body},
-                    },
-                    created_at=self.clock.now(),
+                AuditOutbox.of(
+                    AuditRow(
+                        event="caps.set",
+                        actor=caller.principal_id,
+                        data={
+                            "account": acct,
+                            **{k: body[k] for k in ("monthly_cents", "total_cents") if k in body},
+                        },
+                        at=self.clock.now(),
+                    )
                 )
             )
             return 200, self.caps_json(view)

@@ -36,7 +36,8 @@ from app.errors import AppError
 from app.services.ports import Clock
 from app.store import billing_hot, hot
 from app.store.hot import AuditRow
-from app.store.ledger import SqlLedger, new_id
+from app.store.ids import new_id
+from app.store.ledger import SqlLedger
 from app.store.models import (
     AuditOutbox,
     BillingCharge,
@@ -54,26 +55,6 @@ from app.store.models import (
 
 #: subscription states in which usage is billed through the subscription (Stripe's names)
 SUBSCRIBED = ("active", "trialing", "past_due")
-
-
-def outbox_rows(rows: Sequence[AuditRow]) -> list[AuditOutbox]:
-    """Audit records as ``audit_outbox`` rows, to add to the session of the state change they
-    record (the ORM twin of ``hot.audit_stmt``; the drainer appends them to the file)."""
-    return [
-        AuditOutbox(
-            event_id=r.event_id,
-            event=r.event,
-            actor=r.actor,
-            cast_id=r.cast_id,
-            input_hash=r.input_hash,
-            amount_cents=r.amount_cents,
-            currency=r.currency,
-            traceparent=r.traceparent,
-            data=dict(r.data or {}),
-            created_at=r.at,
-        )
-        for r in rows
-    ]
 
 
 @dataclass(frozen=True)
@@ -177,7 +158,7 @@ class BillingStore:
                     )
                 )
             if audit is not None:
-                s.add_all(outbox_rows(audit([c.id for c in failed])))
+                s.add_all(AuditOutbox.of(r) for r in audit([c.id for c in failed]))
             return [c.id for c in failed]
 
     async def mark_past_due(self, account_id: str, reason: str) -> bool:
@@ -222,7 +203,7 @@ class BillingStore:
             if plan is not None:
                 row.plan = plan
             row.updated_at = self.clock.now()
-            s.add_all(outbox_rows(audit))
+            s.add_all(AuditOutbox.of(r) for r in audit)
 
     # ------------------------------------------------------------------ pending lines & charges
 
@@ -651,7 +632,7 @@ class BillingStore:
                 if line is not None:
                     line.amount_cents += refund.amount_cents
             if audit is not None:
-                s.add_all(outbox_rows(audit(refund)))
+                s.add_all(AuditOutbox.of(r) for r in audit(refund))
             await s.flush()
             return refund
 
@@ -738,7 +719,7 @@ class BillingStore:
             assert ent is not None
             created = bool(res.rowcount == 1)  # type: ignore[attr-defined]
             if created and audit is not None:
-                s.add_all(outbox_rows(audit(ent)))
+                s.add_all(AuditOutbox.of(r) for r in audit(ent))
             return ent, created
 
     async def revoke_entitlements(self, payment_intent_id: str) -> list[str]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import AppError
 from app.store.fastsql import Json, Many, Program, Stmt
+from app.store.ids import new_id
 
 
 class CapRefused(Exception):
@@ -34,9 +35,9 @@ class PastDue(Exception):
 class AuditRow:
     """An audit record's content, written to ``audit_outbox`` in the transaction of the
     state change it records; the drainer (app/store/audit_outbox.py) appends it to the file
-    with ``ts`` = ``at`` and ``data.event_id`` = ``event_id``."""
+    with ``ts`` = ``at`` and ``data.event_id`` = ``event_id`` (a fresh one unless given).
+    In an SQLAlchemy session: ``AuditOutbox.of(row)`` (app/store/models.py)."""
 
-    event_id: str
     event: str
     at: datetime
     actor: str | None = None
@@ -46,6 +47,7 @@ class AuditRow:
     currency: str | None = None
     traceparent: str | None = None
     data: Mapping[str, Any] | None = None
+    event_id: str = field(default_factory=lambda: new_id("ev"))
 
 
 _INSERT_AUDIT = (

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from app.errors import AppError
 from app.services.ports import Clock
 from app.store import hot
 from app.store.fastsql import Program, Runner, runner_for_url
+from app.store.ids import new_id
 from app.store.models import (
     Account,
     Artifact,
@@ -50,10 +50,6 @@ from app.store.models import (
 )
 
 Work = Callable[[AsyncSession], Awaitable[tuple[int, dict[str, Any]]]]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ Money is integer cents + ISO currency; times are timezone-aware UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -25,6 +25,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+if TYPE_CHECKING:
+    from app.store.hot import AuditRow
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -288,6 +291,23 @@ class AuditOutbox(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     #: the event time: the record's ``ts``
     created_at: Mapped[datetime] = mapped_column(TZ)
+
+    @classmethod
+    def of(cls, row: AuditRow) -> AuditOutbox:
+        """The row of a record, to add to the session of the state change it records (the ORM
+        twin of ``hot.audit_stmt``)."""
+        return cls(
+            event_id=row.event_id,
+            event=row.event,
+            actor=row.actor,
+            cast_id=row.cast_id,
+            input_hash=row.input_hash,
+            amount_cents=row.amount_cents,
+            currency=row.currency,
+            traceparent=row.traceparent,
+            data=dict(row.data or {}),
+            created_at=row.at,
+        )
 
 
 class GitHubInstallation(Base):

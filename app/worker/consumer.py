@@ -13,7 +13,7 @@ from app.bus.jetstream import BusUnavailable
 from app.services.ports import Message, Queue
 from app.store import hot
 from app.store.db import database_unavailable as _db_unavailable
-from app.store.ledger import SqlLedger, new_id
+from app.store.ledger import SqlLedger
 from app.worker.runs import RunExecutor
 
 log = logging.getLogger("spell.worker")
@@ -296,7 +296,6 @@ class RunConsumer:
             """``cast.failed``, committed with the failure (the audit outbox)."""
             return [
                 hot.AuditRow(
-                    event_id=new_id("ev"),
                     event="cast.failed",
                     at=now,
                     actor="worker",

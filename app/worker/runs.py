@@ -30,7 +30,7 @@ from app.runner.netproxy import DEFAULT_MAX_BYTES, NetworkAccess
 from app.runner.sandbox import SANDBOX_PYTHON, Sandbox, SandboxResult, SandboxSpec
 from app.services.platform import Platform
 from app.store import hot
-from app.store.ledger import new_id
+from app.store.ids import new_id
 from app.store.models import Artifact, Cast
 
 log = logging.getLogger("spell.worker")
@@ -145,7 +145,6 @@ class RunExecutor:
         def audit(c: dict[str, Any]) -> list[hot.AuditRow]:
             return [
                 hot.AuditRow(
-                    event_id=new_id("ev"),
                     event="cast.running",
                     at=now,
                     actor="worker",
@@ -323,7 +322,6 @@ class RunExecutor:
             charged = min(cost, estimate) if succeeded else 0
             rows = [
                 hot.AuditRow(
-                    event_id=new_id("ev"),
                     event=f"cast.{status}",
                     at=now,
                     actor="worker",
@@ -343,7 +341,6 @@ class RunExecutor:
             if charged > 0:
                 rows.append(
                     hot.AuditRow(
-                        event_id=new_id("ev"),
                         event="ledger.charge",
                         at=now,
                         actor="worker",

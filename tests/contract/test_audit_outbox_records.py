@@ -9,46 +9,20 @@ records are in tests/contract/test_github_flow.py (with these helpers).
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 from app.bus.memory import MemoryQueue
 from app.config import Settings
-from app.store import hot
-from app.store.audit_outbox import AuditDrainer, lock_path
-from app.store.filelock import try_lock, unlock
+from app.store.audit_outbox import AuditDrainer
 from app.web.app import Overrides, create_app
 from app.worker.consumer import RunConsumer
 from app.worker.runs import RunExecutor, RunnerConfig
 from tests.conftest import Harness
 
 # ---------------------------------------------------------------------------- helpers
-
-
-@asynccontextmanager
-async def drains_held(h: Harness) -> AsyncIterator[None]:
-    """No drainer appends anything meanwhile (what a crash right after a commit leaves): the
-    outbox drain lock is ours."""
-    lock = lock_path(h.platform.audit.path)
-    deadline = asyncio.get_running_loop().time() + 10
-    while (fd := try_lock(lock)) is None:  # the app's drainer may be in a drain right now
-        assert asyncio.get_running_loop().time() < deadline, "the drain lock was never free"
-        await asyncio.sleep(0.01)
-    try:
-        yield
-    finally:
-        unlock(fd)
-
-
-async def pending(h: Harness, event: str) -> list[dict[str, Any]]:
-    """The ``event`` records committed and not yet in the file."""
-    rows = await h.platform.ledger.fast.run(lambda: hot.pending_audit(100_000), atomic=False)
-    return [r for r in rows if r["event"] == event]
 
 
 def in_file(h: Harness, event: str) -> list[dict[str, Any]]:
@@ -62,7 +36,7 @@ def in_file(h: Harness, event: str) -> list[dict[str, Any]]:
 async def drained(h: Harness, event: str) -> list[dict[str, Any]]:
     """The file's ``event`` records once everything committed so far is in it."""
     await AuditDrainer(h.platform.ledger.fast, h.platform.audit).drain(wait=True)
-    assert await pending(h, event) == []
+    assert await h.pending_audit(event) == []
     return in_file(h, event)
 
 
@@ -81,10 +55,10 @@ async def test_a_publish_commits_its_records_with_the_bundle_and_the_version(
 ) -> None:
     h = harness
     maker = await h.token("m", "maker")
-    async with drains_held(h):
+    async with h.drains_held():
         detail = await h.publish(maker)
-        [bundle] = await pending(h, "bundle.uploaded")
-        [published] = await pending(h, "spell.published")
+        [bundle] = await h.pending_audit("bundle.uploaded")
+        [published] = await h.pending_audit("spell.published")
         assert published["data"] == {
             "spell_id": "com.example.test",
             "version": detail["latest_version"],
@@ -116,7 +90,7 @@ async def test_a_publish_commits_its_records_with_the_bundle_and_the_version(
             "/v1/spells", json=doc, headers={"Authorization": f"Bearer {maker}"}
         )
         assert r.status == 200, await r.text()
-        assert len(await pending(h, "spell.published")) == 1
+        assert len(await h.pending_audit("spell.published")) == 1
     [record] = await drained(h, "spell.published")
     as_committed(record, published)
     [record] = await drained(h, "bundle.uploaded")
@@ -127,10 +101,10 @@ async def test_caps_set_commits_its_record_with_the_caps(harness: Harness) -> No
     h = harness
     caster = await h.token("c", "caster")
     headers = {"Authorization": f"Bearer {caster}", "Idempotency-Key": "caps-1"}
-    async with drains_held(h):
+    async with h.drains_held():
         r = await h.client.post("/v1/billing/caps", json={"monthly_cents": 300}, headers=headers)
         assert r.status == 200, await r.text()
-        [row] = await pending(h, "caps.set")
+        [row] = await h.pending_audit("caps.set")
         assert row["data"] == {"account": "c", "monthly_cents": 300}
         assert row["actor"].startswith("p_")
         assert in_file(h, "caps.set") == []
@@ -147,7 +121,7 @@ async def test_caps_set_commits_its_record_with_the_caps(harness: Harness) -> No
             headers={"Authorization": f"Bearer {op}", "Idempotency-Key": "caps-2"},
         )
         assert bad.status == 404, await bad.text()
-        assert len(await pending(h, "caps.set")) == 1
+        assert len(await h.pending_audit("caps.set")) == 1
     [record] = await drained(h, "caps.set")
     as_committed(record, row)
     view = await h.platform.ledger.budget("c")
@@ -206,13 +180,13 @@ async def test_a_dead_lettered_cast_commits_its_failure_record_with_it(idle: Har
         ),
         concurrency=1,
     )
-    async with drains_held(h):
+    async with h.drains_held():
         msg = DeadMessage({"cast_id": cast_id}, num_delivered=3)
         await consumer.handle(msg)  # type: ignore[arg-type]
         assert msg.acks == ["ack"]
         cast = await h.platform.ledger.get_cast(cast_id)
         assert cast is not None and cast.status == "failed"
-        [row] = [r for r in await pending(h, "cast.failed") if r["cast_id"] == cast_id]
+        [row] = [r for r in await h.pending_audit("cast.failed") if r["cast_id"] == cast_id]
         assert (row["actor"], row["amount_cents"], row["currency"]) == ("worker", 0, "USD")
         assert (row["input_hash"], row["traceparent"]) == (cast.input_hash, cast.traceparent)
         assert row["data"] == {
@@ -222,6 +196,6 @@ async def test_a_dead_lettered_cast_commits_its_failure_record_with_it(idle: Har
         assert in_file(h, "cast.failed") == []
         # the advisory again: the cast ended already, nothing more is recorded
         await consumer.handle(DeadMessage({"cast_id": cast_id}))  # type: ignore[arg-type]
-        assert len(await pending(h, "cast.failed")) == 1
+        assert len(await h.pending_audit("cast.failed")) == 1
     [record] = [r for r in await drained(h, "cast.failed") if r["cast_id"] == cast_id]
     as_committed(record, row)

@@ -25,9 +25,7 @@ from tests.contract.fake_github import FakeGitHub
 from tests.contract.test_audit_outbox_records import (
     as_committed,
     drained,
-    drains_held,
     in_file,
-    pending,
 )
 
 SECRET = "webhook-secret-for-tests"
@@ -615,7 +613,7 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
     await _setup(h, fake)
     token = await h.token("ACME", "caster")
     gh = h.client.app[__import__("app.web.keys", fromlist=["GITHUB"]).GITHUB]  # type: ignore[index]
-    async with drains_held(h):
+    async with h.drains_held():
         r = await h.client.post(
             f"/v1/spells/{WF_SPELL}:cast",
             json={"input": {"name": "a"}},
@@ -627,7 +625,7 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
         cast = await h.platform.ledger.get_cast(cast_id)
         assert cast is not None
         run = next(r for r in fake.runs.values() if cast_id in r.display_title or cast_id in r.name)
-        [dispatched] = await pending(h, "cast.dispatched")
+        [dispatched] = await h.pending_audit("cast.dispatched")
         assert (dispatched["actor"], dispatched["cast_id"]) == ("github", cast_id)
         assert dispatched["traceparent"] == cast.traceparent and cast.traceparent
         assert dispatched["data"] == {"repo": REPO, "run_id": run.id}
@@ -636,7 +634,7 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
         # the dispatch job delivered again: nothing dispatched, nothing recorded
         await gh.on_dispatch_job(JobMsg({"cast_id": cast_id}, subject="github.dispatch"))
         assert len(fake.requests_for("actions/create-workflow-dispatch")) == 1
-        assert len(await pending(h, "cast.dispatched")) == 1
+        assert len(await h.pending_audit("cast.dispatched")) == 1
 
         fake.complete_run(
             run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"a": b"1"}}]
@@ -649,11 +647,11 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
         wr["workflow_run"]["display_title"] = run.display_title
         _r, delivery = await deliver(h, fake, "workflow_run", wr)
         await processed(h, delivery)
-        [ended] = [r for r in await pending(h, "cast.succeeded") if r["cast_id"] == cast_id]
+        [ended] = [r for r in await h.pending_audit("cast.succeeded") if r["cast_id"] == cast_id]
         assert (ended["actor"], ended["amount_cents"], ended["currency"]) == ("github", 5, "USD")
         assert (ended["input_hash"], ended["traceparent"]) == (cast.input_hash, cast.traceparent)
         assert ended["data"] == {}
-        [charge] = [r for r in await pending(h, "ledger.charge") if r["cast_id"] == cast_id]
+        [charge] = [r for r in await h.pending_audit("ledger.charge") if r["cast_id"] == cast_id]
         assert (charge["actor"], charge["amount_cents"], charge["currency"]) == ("github", 5, "USD")
         assert charge["data"] == {"account": "ACME", "method": "ledger"}
         assert in_file(h, "cast.succeeded") == in_file(h, "ledger.charge") == []
@@ -661,7 +659,9 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
         _r, again = await deliver(h, fake, "workflow_run", wr)
         await processed(h, again)
         assert (
-            len(await pending(h, "cast.succeeded")) == len(await pending(h, "ledger.charge")) == 1
+            len(await h.pending_audit("cast.succeeded"))
+            == len(await h.pending_audit("ledger.charge"))
+            == 1
         )
     [record] = await drained(h, "cast.dispatched")
     as_committed(record, dispatched)
@@ -691,21 +691,21 @@ async def test_a_timed_out_or_undispatchable_cast_commits_its_failure_record_wit
     slow, dead = ids
     await dispatch_recorded(h, slow)
     await dispatch_recorded(h, dead)
-    async with drains_held(h):
+    async with h.drains_held():
         h.platform.ledger.clock = Later(h.platform.ledger.clock, seconds=601)
         # the dispatch job of one dead-lettered (as if): it fails; the other times out
         await gh.on_dead_job(JobMsg({"cast_id": dead}, subject="github.dispatch"), "boom")
         assert await gh.expire_overdue() == 1
-        rows = {r["cast_id"]: r for r in await pending(h, "cast.failed")}
+        rows = {r["cast_id"]: r for r in await h.pending_audit("cast.failed")}
         assert rows[slow]["data"] == {"error": {"code": "TIMEOUT"}}
         assert rows[dead]["data"] == {"error": {"code": "INTERNAL"}}
         for row in rows.values():
             assert (row["actor"], row["amount_cents"], row["currency"]) == ("github", 0, "USD")
-        assert await pending(h, "ledger.charge") == []
+        assert await h.pending_audit("ledger.charge") == []
         assert in_file(h, "cast.failed") == []
         await gh.on_dead_job(JobMsg({"cast_id": dead}, subject="github.dispatch"), "boom")
         assert await gh.expire_overdue() == 0
-        assert len(await pending(h, "cast.failed")) == 2
+        assert len(await h.pending_audit("cast.failed")) == 2
     records = {r["cast_id"]: r for r in await drained(h, "cast.failed")}
     assert set(records) == {slow, dead}
     for cast_id, row in rows.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +18,7 @@ from app.billing.routes import BILLING
 from app.billing.service import BillingService
 from app.config import Settings
 from app.errors import AppError
-from app.store import hot
-from app.store.audit_outbox import AuditDrainer, lock_path
-from app.store.filelock import try_lock, unlock
+from app.store.audit_outbox import AuditDrainer
 from app.store.models import BillingCharge, Outbox
 from app.web.app import Overrides, create_app
 from app.web.keys import INBOX, METRICS
@@ -949,36 +946,15 @@ async def test_settlement_rows_written_on_the_bare_driver_read_back_through_the_
 # leave money moved with no audit trail. The drainer then appends it to the file exactly once.
 
 
-@asynccontextmanager
-async def drains_held(h: Harness) -> AsyncIterator[None]:
-    """No drainer appends anything meanwhile (it is what a crash right after a commit
-    leaves): the outbox drain lock is ours."""
-    lock = lock_path(billing_of(h).audit.path)  # type: ignore[attr-defined]
-    deadline = asyncio.get_running_loop().time() + 10
-    while (fd := try_lock(lock)) is None:  # the app's drainer may be in a drain right now
-        assert asyncio.get_running_loop().time() < deadline, "the drain lock was never free"
-        await asyncio.sleep(0.01)
-    try:
-        yield
-    finally:
-        unlock(fd)
-
-
-async def outbox_rows(h: Harness, event: str) -> list[dict[str, Any]]:
-    """The audit records committed and not yet in the file."""
-    rows = await billing_of(h).ledger.fast.run(lambda: hot.pending_audit(100_000), atomic=False)
-    return [r for r in rows if r["event"] == event]
-
-
 async def test_a_charge_commits_its_audit_record_with_it(h: Harness, fake: FakeStripe) -> None:
     await paid_spell(h, 60)
     bob = await caster(h, fake)
-    async with drains_held(h):
+    async with h.drains_held():
         cast_id = await cast_ok(h, bob)
         await charge_settled(h, cast_id)
         [charge] = await charges(h)
         assert charge.status == "succeeded"
-        [row] = await outbox_rows(h, "billing.charged")  # committed with the charge...
+        [row] = await h.pending_audit("billing.charged")  # committed with the charge...
         assert (row["actor"], row["cast_id"], row["amount_cents"], row["currency"]) == (
             "billing",
             None,
@@ -996,11 +972,11 @@ async def test_a_charge_commits_its_audit_record_with_it(h: Harness, fake: FakeS
         assert [r for r in audit_file(h) if r["event"] == "billing.charged"] == []
         # the job delivered again changes nothing and records nothing more
         await billing_of(h).on_charge_job(Msg({"cast_id": cast_id}))
-        assert len(await outbox_rows(h, "billing.charged")) == 1
+        assert len(await h.pending_audit("billing.charged")) == 1
     [record] = await audit_records(h, "billing.charged")  # once in the file, as committed
     assert record["data"] == {**row["data"], "event_id": row["event_id"]}
     assert (record["actor"], record["amount_cents"], record["currency"]) == ("billing", 60, "USD")
-    assert await outbox_rows(h, "billing.charged") == []
+    assert await h.pending_audit("billing.charged") == []
 
 
 async def test_a_refund_commits_its_audit_record_with_it(h: Harness, fake: FakeStripe) -> None:
@@ -1009,10 +985,10 @@ async def test_a_refund_commits_its_audit_record_with_it(h: Harness, fake: FakeS
     cast_id = await cast_ok(h, bob)
     await charge_settled(h, cast_id)
     billing = billing_of(h)
-    async with drains_held(h):
+    async with h.drains_held():
         done = await billing.refund_cast(cast_id, amount=40, reason="sla", actor="operator")
         assert (done["method"], done["status"]) == ("stripe_refund", "succeeded")
-        [row] = await outbox_rows(h, "ledger.refund")
+        [row] = await h.pending_audit("ledger.refund")
         assert (row["actor"], row["cast_id"], row["amount_cents"], row["currency"]) == (
             "operator",
             cast_id,
@@ -1030,11 +1006,11 @@ async def test_a_refund_commits_its_audit_record_with_it(h: Harness, fake: FakeS
         # the same refund again (a retried command): no second refund, no second record
         again = await billing.refund_cast(cast_id, amount=40, reason="sla", actor="operator", n=1)
         assert again == done
-        assert len(await outbox_rows(h, "ledger.refund")) == 1
+        assert len(await h.pending_audit("ledger.refund")) == 1
     [record] = await audit_records(h, "ledger.refund")
     assert record["data"] == {**row["data"], "event_id": row["event_id"]}
     assert (record["cast_id"], record["amount_cents"]) == (cast_id, 40)
-    assert await outbox_rows(h, "ledger.refund") == []
+    assert await h.pending_audit("ledger.refund") == []
 
 
 async def test_a_declined_charge_commits_its_audit_record_with_it(
@@ -1042,14 +1018,14 @@ async def test_a_declined_charge_commits_its_audit_record_with_it(
 ) -> None:
     await paid_spell(h, 60)
     bob = await caster(h, fake, "pm_card_chargeDeclined")
-    async with drains_held(h):
+    async with h.drains_held():
         cast_id = await cast_ok(h, bob)
         await charge_settled(h, cast_id)
         [charge] = await charges(h)
         assert (charge.status, charge.failure_code) == ("failed", "card_declined")
         # the charge failed, the account is past due and the record of it is committed, in
         # one transaction
-        [row] = await outbox_rows(h, "billing.payment_failed")
+        [row] = await h.pending_audit("billing.payment_failed")
         assert row["data"] == {
             "charge_id": charge.id,
             "account": "bob",
@@ -1083,14 +1059,14 @@ async def test_a_card_saved_while_a_failure_is_recorded_changes_nothing_and_is_r
         return newly
 
     monkeypatch.setattr(billing.store, "mark_past_due", card_saved_right_after)
-    async with drains_held(h):
+    async with h.drains_held():
         with pytest.raises(AppError) as err:
             await billing._failed(charge, "card_declined", None)
         assert err.value.code == "UNAVAILABLE"  # the job runs again
         # nothing was failed, cancelled or recorded: the new card's save saw a pending charge
         got = await billing.store.charge(charge.id)
         assert got is not None and (got.status, got.failure_code) == ("pending", None)
-        assert await outbox_rows(h, "billing.payment_failed") == []
+        assert await h.pending_audit("billing.payment_failed") == []
     monkeypatch.undo()
     await billing._failed(charge, "card_declined", None)  # the repeat records the failure
     [record] = await audit_records(h, "billing.payment_failed")

@@ -66,14 +66,7 @@ class FakeInbox:
         if not self.in_place:
             return None
         self.in_place_batches.append([d for d, _e, _b in deliveries])
-        if self.fail:
-            raise RuntimeError("disk full")
-        fresh = set()
-        for d, e, b in deliveries:
-            if d not in self.stored:
-                self.stored[d] = (e, b)
-                fresh.add(d)
-        return fresh
+        return self._store(deliveries)
 
     async def accept_many(self, source: str, deliveries: list[tuple[str, str, bytes]]) -> set[str]:
         assert source == "github"
@@ -82,6 +75,9 @@ class FakeInbox:
         self.batches.append(ids)
         if self.gate is not None:
             await self.gate.wait()
+        return self._store(deliveries)
+
+    def _store(self, deliveries: list[tuple[str, str, bytes]]) -> set[str]:
         if self.fail:
             raise RuntimeError("disk full")
         fresh = set()
