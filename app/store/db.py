@@ -17,6 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
+from app.store.fastsql import CHECKPOINT_BYTES
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: PostgreSQL advisory lock key held while migrating (an arbitrary constant of ours)
 MIGRATION_LOCK = 0x5E11_0001
@@ -86,6 +88,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
+#: SQLite ``wal_autocheckpoint`` of the SQLAlchemy connections, in 4 KiB pages
+ORM_AUTOCHECKPOINT_PAGES = 2 * CHECKPOINT_BYTES // 4096
+
+
 def _sqlite_pragmas(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -96,6 +102,11 @@ def _sqlite_pragmas(engine: AsyncEngine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # In a server the ledger's checkpoint thread keeps the WAL near CHECKPOINT_BYTES
+        # (app/store/fastsql.py), beside the writers. SQLite's default (4 MiB) would make this
+        # connection's commits checkpoint inline, fsyncs included, most of the time; at twice
+        # the mark they do so only when nothing else does (a CLI process, ORM-only writes).
+        cur.execute(f"PRAGMA wal_autocheckpoint={ORM_AUTOCHECKPOINT_PAGES}")
         cur.close()
 
     @event.listens_for(engine.sync_engine, "begin")

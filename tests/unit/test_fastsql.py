@@ -268,67 +268,117 @@ async def test_try_now_runs_in_place_when_the_writer_is_idle_and_never_past_it(
     assert [r[0] for r in _rows(path)] == ["a", "c", "d", "e", "slow"]
 
 
-async def test_the_writer_thread_checkpoints_the_wal_commits_in_place_never_do(
+async def _checkpoints(runner: SqliteRunner, n: int) -> None:
+    """Wait (bounded) until the checkpoint thread has finished ``n`` checkpoints."""
+    for _ in range(500):
+        if runner.checkpoints >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{runner.checkpoints} checkpoints, expected {n}")
+
+
+def _big(k: str, n: int) -> Program[None]:
+    yield Stmt("INSERT INTO t (k, n, j) VALUES (?, ?, ?)", (k, n, "x" * 20_000))
+
+
+async def test_checkpoints_run_on_their_own_thread_never_in_a_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import app.store.fastsql as fastsql
 
     monkeypatch.setattr(fastsql, "CHECKPOINT_BYTES", 64 * 1024)
+    threads: list[str] = []
+    once = SqliteRunner._checkpoint_once
+
+    def recording(conn: sqlite3.Connection) -> None:
+        threads.append(threading.current_thread().name)
+        once(conn)
+
+    monkeypatch.setattr(SqliteRunner, "_checkpoint_once", staticmethod(recording))
     path = _db(tmp_path)
     runner = SqliteRunner(path)
-    body = "x" * 20_000
     try:
-        for i in range(3):  # ~72 KB estimated: due after the third
-            done, _ = runner.try_now(
-                lambda i=i: (
-                    yield Stmt("INSERT INTO t (k, n, j) VALUES (?, ?, ?)", (f"k{i}", i, body))
-                )
-            )
-            assert done
-        assert runner.checkpoints == 0  # not on this thread
-        await runner.run(lambda: insert("after", 1))  # queued behind the checkpoint request
-        assert runner.checkpoints == 1
-        # the WAL's frames are in the database file now: a PASSIVE checkpoint has nothing left
-        conn = sqlite3.connect(path)
-        try:
-            busy, log_frames, done_frames = conn.execute(
-                "PRAGMA wal_checkpoint(PASSIVE)"
-            ).fetchone()
-        finally:
-            conn.close()
-        assert busy == 0 and log_frames == done_frames
-        # the writer's own batches checkpoint after the commit that makes one due
-        for i in range(4):
-            await runner.run(
-                lambda i=i: (
-                    yield Stmt("INSERT INTO t (k, n, j) VALUES (?, ?, ?)", (f"w{i}", i, body))
-                )
-            )
-        assert runner.checkpoints == 2
-    finally:
-        await runner.aclose()
-    assert len(_rows(path)) == 8
-
-
-async def test_try_now_never_waits_for_another_connections_write_lock(tmp_path: Path) -> None:
-    """Another writer (in this process it may need this very event loop to finish) holds the
-    lock: try_now declines at once instead of sleeping in SQLite's busy handler."""
-    path = _db(tmp_path)
-    runner = SqliteRunner(path)
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        await runner.warm()
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO t (k, n) VALUES ('other', 1)")
-        assert runner.try_now(lambda: insert("mine", 2)) == (False, None)
-        queued = asyncio.ensure_future(runner.run(lambda: insert("mine", 2)))
+        for i in range(2):  # ~48 KB estimated: not due yet
+            assert runner.try_now(lambda i=i: _big(f"k{i}", i))[0]
         await asyncio.sleep(0.05)
-        assert not queued.done()  # the writer thread waits for the lock instead
-        other.execute("COMMIT")
-        assert await queued == 1
-        # and the connection still waits patiently through the writer thread afterwards
-        assert runner.try_now(lambda: insert("again", 3)) == (True, 1)
+        assert runner.checkpoints == 0
+        assert runner.try_now(lambda: _big("k2", 2))[0]  # due now
+        await _checkpoints(runner, 1)
+        # the writer's own batches make one due the same way
+        for i in range(3):
+            await runner.run(lambda i=i: _big(f"w{i}", i))
+        await _checkpoints(runner, 2)
     finally:
-        other.close()
         await runner.aclose()
-    assert [r[0] for r in _rows(path)] == ["again", "mine", "other"]
+    # the bulk and the tail of each, both on the checkpoint thread
+    assert threads == ["ledger-checkpoint"] * 4
+    assert len(_rows(path)) == 6
+
+
+def _wal_restarts(path: str) -> int:
+    """The WAL header's checkpoint sequence number: it goes up each time a commit starts the
+    WAL again from its beginning (possible only once every frame is in the database file)."""
+    with open(path + "-wal", "rb") as f:
+        return int.from_bytes(f.read(32)[12:16], "big")
+
+
+async def test_commits_go_on_during_a_checkpoint_and_the_wal_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint (55-100 ms with its fsyncs on a slow disk) holds up no commit: the bulk
+    copy runs beside the writer. The frames committed meanwhile are copied by the short tail,
+    with the writer held; without it the WAL would never be backfilled to its end while
+    commits keep coming, never start again from its beginning, and grow without bound."""
+    import app.store.fastsql as fastsql
+
+    monkeypatch.setattr(fastsql, "CHECKPOINT_BYTES", 64 * 1024)
+    copied = threading.Event()
+    release = threading.Event()
+    bulk = SqliteRunner._checkpoint_bulk
+
+    def held(self: SqliteRunner, conn: sqlite3.Connection) -> None:
+        bulk(self, conn)  # the copy, then linger as if it were still copying
+        copied.set()
+        assert release.wait(10)
+
+    monkeypatch.setattr(SqliteRunner, "_checkpoint_bulk", held)
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    try:
+        for i in range(3):
+            await runner.run(lambda i=i: _big(f"k{i}", i))
+        assert await asyncio.to_thread(copied.wait, 5)
+        # the checkpoint is under way: commits go through the writer and in place alike (the
+        # first starts the WAL again — everything before it was copied — the second follows)
+        assert await asyncio.wait_for(runner.run(lambda: _big("during", 1)), 5) is None
+        assert runner.try_now(lambda: insert("in-place", 1)) == (True, 1)
+        assert runner.checkpoints == 0
+        restarts = _wal_restarts(path)
+        release.set()
+        await _checkpoints(runner, 1)
+        assert _wal_restarts(path) == restarts  # nothing has written since
+        await runner.run(lambda: insert("after", 1))
+        # the tail copied the two commits made during the checkpoint: this one starts again
+        assert _wal_restarts(path) == restarts + 1
+    finally:
+        release.set()
+        await runner.aclose()
+    assert len(_rows(path)) == 6
+
+
+async def test_orm_connections_leave_checkpoints_to_the_checkpoint_thread(tmp_path: Path) -> None:
+    """SQLite's default would make every SQLAlchemy commit past 4 MiB of WAL checkpoint inline
+    (fsyncs and all, with the writer thread held for its exclusive turn)."""
+    from sqlalchemy import text
+
+    from app.store.db import ORM_AUTOCHECKPOINT_PAGES, make_engine
+    from app.store.fastsql import CHECKPOINT_BYTES
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'orm.db'}")
+    try:
+        async with engine.connect() as conn:
+            pages = (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar_one()
+    finally:
+        await engine.dispose()
+    assert pages == ORM_AUTOCHECKPOINT_PAGES
+    assert pages * 4096 == 2 * CHECKPOINT_BYTES
