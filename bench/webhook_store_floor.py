@@ -6,6 +6,8 @@ through the stdlib ``sqlite3`` driver (what ``SqliteRunner`` uses) on a database
 app's own migrations (WAL, ``synchronous=NORMAL``, default auto-checkpoint), with:
 
 * ``body``     the real 14 KiB signed-comment payload of ``bench/webhook_ingest.py``;
+* ``lz4``      the body as the platform stores it since session 5: an lz4 frame
+               (app/store/bodies.py, ~3.3 KiB), compression included in the time;
 * ``pointer``  the same rows with the body replaced by a 24-byte pointer, plus one ``writev``
                of the batch's bodies to an append-only file — the "spool" alternative;
 
@@ -38,11 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.store.bodies import pack  # noqa: E402
 from bench.webhook_ingest import build_payload  # noqa: E402
 
 NOW = "2026-11-26 12:00:00.000000"
 #: (batch size, variants)
-CASES = ((1, ("body", "pointer")), (24, ("body", "ckpt16m", "pointer")))
+CASES = ((1, ("body", "lz4", "pointer")), (24, ("body", "ckpt16m", "lz4", "pointer")))
 
 
 def migrated(tmp: Path) -> Path:
@@ -63,19 +66,21 @@ def fresh_copy(seed: Path, path: Path) -> sqlite3.Connection:
     return conn
 
 
-def store(conn: sqlite3.Connection, bodies: list[bytes]) -> None:
+def store(conn: sqlite3.Connection, bodies: list[bytes], encoding: str | None = None) -> None:
     n = len(bodies)
     ids = [uuid.uuid4().hex for _ in range(n)]
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("SAVEPOINT job")
-    rows = ", ".join(["(?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"] * n)
+    rows = ", ".join(["(?, ?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"] * n)
     args = [
-        v for d, b in zip(ids, bodies, strict=True) for v in (d, "github", "issue_comment", b, NOW)
+        v
+        for d, b in zip(ids, bodies, strict=True)
+        for v in (d, "github", "issue_comment", b, encoding, NOW)
     ]
     list(
         conn.execute(
-            "INSERT INTO webhook_deliveries (delivery_id, source, event, body, status, attempts,"  # noqa: S608
-            f" last_error, received_at, processed_at) VALUES {rows}"
+            "INSERT INTO webhook_deliveries (delivery_id, source, event, body, body_encoding,"  # noqa: S608
+            f" status, attempts, last_error, received_at, processed_at) VALUES {rows}"
             " ON CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id",
             args,
         )
@@ -109,6 +114,9 @@ def one_run(
             if variant == "pointer":
                 os.writev(spool.fileno(), [body] * batch)
                 store(conn, [b"seg:000001:0123456789:14336"] * batch)
+            elif variant == "lz4":
+                packed = [pack(body) for _ in range(batch)]
+                store(conn, [b for b, _ in packed], packed[0][1])
             else:
                 store(conn, [body] * batch)
         u1, s1 = _cpu()

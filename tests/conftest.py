@@ -111,10 +111,30 @@ def in_pass(backend: str) -> pytest.MarkDecorator:
     """Run only in ``backend``'s pass (both when no pass is selected), for tests that choose
     their database themselves: otherwise CI would run them twice, once in each pass."""
     assert backend in BACKENDS, backend
+    return pytest.mark.spell_pass(backend)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test runs in one of CI's passes unless the ledger's backend can change its outcome:
+
+    * a test marked :func:`in_pass` runs in that backend's pass only;
+    * in the PostgreSQL pass, a test that never reaches the suite's database (no
+      ``database_url`` among its fixtures: pure logic, parsers, workflows, the sandbox, its own
+      SQLite file) is skipped — it ran, identically, in the SQLite pass;
+    * everything else runs in both.
+    A plain ``pytest`` (no pass selected) runs everything."""
     this = ci_pass()
-    return pytest.mark.skipif(
-        this is not None and this != backend, reason=f"runs in CI's {backend} pass"
-    )
+    if this is None:
+        return
+    for item in items:
+        mark = item.get_closest_marker("spell_pass")
+        if mark is not None:
+            if mark.args[0] != this:
+                item.add_marker(pytest.mark.skip(reason=f"runs in CI's {mark.args[0]} pass"))
+        elif this == "postgresql" and "database_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(
+                pytest.mark.skip(reason="does not use the database: runs in CI's sqlite pass")
+            )
 
 
 def backend_params(*backends: str) -> list[Any]:

@@ -750,7 +750,7 @@ class BillingService:
         if delivery is None or delivery.status in ("done", "ignored"):
             return
         await self.inbox.start_attempt(delivery_id)
-        event = json.loads(delivery.body)
+        event = json.loads(delivery.payload)
         status = await self.handle_event(event)
         await self.inbox.finish(delivery_id, "ignored" if status == "ignored" else "done")
 

@@ -90,7 +90,7 @@ class GitHubService:
         if delivery is None or delivery.status in ("done", "ignored"):
             return
         await self.inbox.start_attempt(delivery_id)
-        event = parse_event(delivery.event, delivery_id, delivery.body)
+        event = parse_event(delivery.event, delivery_id, delivery.payload)
         handled = await router.dispatch(event, self)
         await self.inbox.finish(delivery_id, "done" if handled else "ignored")
 

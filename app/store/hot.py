@@ -346,14 +346,21 @@ def accept_cast_one_statement(c: NewCast, k: IdemKey) -> Program[tuple[int, dict
 
 
 def accept_delivery(
-    source: str, delivery_id: str, event: str, body: bytes, now: datetime
+    source: str,
+    delivery_id: str,
+    event: str,
+    body: bytes,
+    encoding: str | None,
+    now: datetime,
 ) -> Program[bool]:
-    """Store a raw webhook delivery and its outbox message; False if seen before."""
+    """Store a webhook delivery (``body`` as app/store/bodies.py packed it, in ``encoding``)
+    and its outbox message; False if seen before."""
     res = yield Stmt(
-        "INSERT INTO webhook_deliveries (delivery_id, source, event, body, status, attempts,"
-        " last_error, received_at, processed_at) VALUES (?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"
+        "INSERT INTO webhook_deliveries (delivery_id, source, event, body, body_encoding,"
+        " status, attempts, last_error, received_at, processed_at)"
+        " VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"
         " ON CONFLICT (delivery_id) DO NOTHING",
-        (delivery_id, source, event, body, now),
+        (delivery_id, source, event, body, encoding, now),
     )
     if res.rowcount != 1:
         return False
@@ -366,20 +373,20 @@ def accept_delivery(
 
 
 def accept_deliveries(
-    source: str, deliveries: Sequence[tuple[str, str, bytes]], now: datetime
+    source: str, deliveries: Sequence[tuple[str, str, bytes, str | None]], now: datetime
 ) -> Program[set[str]]:
-    """:func:`accept_delivery` for a batch of ``(delivery_id, event, body)`` with distinct ids,
-    in two multi-row statements: the same rows, deduped by the primary key in the INSERT itself.
-    Returns the ids stored now (the others were seen before)."""
+    """:func:`accept_delivery` for a batch of ``(delivery_id, event, body, encoding)`` with
+    distinct ids, in two multi-row statements: the same rows, deduped by the primary key in the
+    INSERT itself. Returns the ids stored now (the others were seen before)."""
     if not deliveries:
         return set()
     # only placeholders are joined into the SQL; every value is a bound parameter
-    rows_sql = ", ".join(["(?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"] * len(deliveries))
+    rows_sql = ", ".join(["(?, ?, ?, ?, ?, 'pending', 0, NULL, ?, NULL)"] * len(deliveries))
     res = yield Stmt(
-        "INSERT INTO webhook_deliveries (delivery_id, source, event, body, status, attempts,"  # noqa: S608
-        f" last_error, received_at, processed_at) VALUES {rows_sql}"
+        "INSERT INTO webhook_deliveries (delivery_id, source, event, body, body_encoding,"  # noqa: S608
+        f" status, attempts, last_error, received_at, processed_at) VALUES {rows_sql}"
         " ON CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id",
-        [v for d, e, b in deliveries for v in (d, source, e, b, now)],
+        [v for d, e, b, c in deliveries for v in (d, source, e, b, c, now)],
         rows=True,
     )
     fresh = {str(r[0]) for r in res.rows}
@@ -391,7 +398,7 @@ def accept_deliveries(
             f" VALUES {outbox_sql}",
             [
                 v
-                for d, _e, _b in deliveries
+                for d, _e, _b, _c in deliveries
                 if d in fresh
                 for v in (subject, f"wh:{d}", Json({"delivery_id": d}), now)
             ],

@@ -2,6 +2,8 @@
 
 A delivery row and its outbox message commit together, so an acknowledged delivery is never
 lost; the delivery id is the primary key, so a redelivered one is recognised and dropped.
+Bodies are stored lz4-compressed when that pays (app/store/bodies.py); read them back with
+``WebhookDelivery.payload``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from sqlalchemy import select, update
 
 from app.services.ports import Clock
 from app.store import hot
+from app.store.bodies import pack
 from app.store.ledger import SqlLedger
 from app.store.models import WebhookDelivery
 
@@ -28,8 +31,9 @@ class Inbox:
         On the bare-driver hot path (app/store/fastsql.py): on SQLite, deliveries arriving
         together share one group-committed transaction."""
         now = self.clock.now()
+        stored, encoding = pack(body)
         return await self.ledger.fast.run(
-            lambda: hot.accept_delivery(source, delivery_id, event, body, now)
+            lambda: hot.accept_delivery(source, delivery_id, event, stored, encoding, now)
         )
 
     async def accept_many(
@@ -37,15 +41,17 @@ class Inbox:
     ) -> set[str]:
         """Store a batch of verified ``(delivery_id, event, body)`` (distinct ids) in ONE
         transaction, the same rows :meth:`accept` writes; returns the ids that were new."""
+        return await self.store_many(source, packed(deliveries))
+
+    async def store_many(self, source: str, deliveries: Sequence[Packed]) -> set[str]:
+        """:meth:`accept_many` for bodies already packed (:func:`packed`)."""
         now = self.clock.now()
         return await self.ledger.fast.run(lambda: hot.accept_deliveries(source, deliveries, now))
 
-    def try_accept_many_now(
-        self, source: str, deliveries: Sequence[tuple[str, str, bytes]]
-    ) -> set[str] | None:
-        """:meth:`accept_many` right here when SQLite's writer is idle (no thread hand-off;
+    def try_store_many_now(self, source: str, deliveries: Sequence[Packed]) -> set[str] | None:
+        """:meth:`store_many` right here when SQLite's writer is idle (no thread hand-off;
         see ``SqliteRunner.try_now``); ``None`` when it is not (or on PostgreSQL): then call
-        :meth:`accept_many`. A storage error is raised as from :meth:`accept_many`."""
+        :meth:`store_many`. A storage error is raised as from :meth:`store_many`."""
         now = self.clock.now()
         done, fresh = self.ledger.fast.try_now(
             lambda: hot.accept_deliveries(source, deliveries, now)
@@ -85,3 +91,12 @@ class Inbox:
         async with self.ledger.reader() as s:
             rows = await s.scalars(stmt.order_by(WebhookDelivery.received_at).limit(limit))
             return list(rows.all())
+
+
+#: ``(delivery_id, event, stored body, body encoding)``: a delivery as the inbox stores it
+Packed = tuple[str, str, bytes, str | None]
+
+
+def packed(deliveries: Sequence[tuple[str, str, bytes]]) -> list[Packed]:
+    """``(delivery_id, event, raw body)`` → :data:`Packed` (app/store/bodies.py)."""
+    return [(d, e, *pack(b)) for d, e, b in deliveries]

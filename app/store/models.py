@@ -356,12 +356,21 @@ class WebhookDelivery(Base):
     delivery_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     source: Mapped[str] = mapped_column(String(16))  # github | stripe
     event: Mapped[str] = mapped_column(String(64))
+    #: as stored: see ``body_encoding`` (app/store/bodies.py); :attr:`payload` is the raw body
     body: Mapped[bytes] = mapped_column(LargeBinary)
+    body_encoding: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None | lz4
     status: Mapped[str] = mapped_column(String(16))  # pending | done | ignored | failed | dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     received_at: Mapped[datetime] = mapped_column(TZ)
     processed_at: Mapped[datetime | None] = mapped_column(TZ, nullable=True)
+
+    @property
+    def payload(self) -> bytes:
+        """The raw body, exactly as it was received (and its signature checked)."""
+        from app.store.bodies import unpack
+
+        return unpack(self.body, self.body_encoding)
 
 
 class CastTarget(Base):

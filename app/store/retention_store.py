@@ -153,7 +153,7 @@ class RetentionStore:
                 res = await s.execute(
                     update(WebhookDelivery)
                     .where(WebhookDelivery.delivery_id.in_(ids), *where)
-                    .values(body=b"")
+                    .values(body=b"", body_encoding=None)
                     .execution_options(synchronize_session=False)
                 )
             n = int(res.rowcount)  # type: ignore[attr-defined]

@@ -13,7 +13,8 @@ several times the HMAC itself (bench/README.md §5). Here the request is parsed 
 stream reader, no request object — and storage is batched: the deliveries verified while a
 batch is being committed wait for the next one, and each batch is ONE transaction of two
 multi-row statements (``hot.accept_deliveries``: ``INSERT … ON CONFLICT (delivery_id) DO NOTHING
-RETURNING`` + the outbox rows). Every delivery is answered only after its batch committed
+RETURNING`` + the outbox rows), each body lz4-compressed on the loop right after its signature
+checked (app/store/bodies.py). Every delivery is answered only after its batch committed
 (durable before 202). The rows are exactly those ``Inbox.accept`` writes, so the job handlers
 process them unchanged. On SQLite the batch is one program on the ledger's group-committing
 writer thread; on PostgreSQL one transaction from the hot pool.
@@ -51,7 +52,8 @@ from app.config import Settings
 from app.errors import AppError
 from app.github.webhooks import SIGNATURE_HEADER, check_delivery
 from app.observability.metrics import Metrics
-from app.store.inbox import Inbox
+from app.store.bodies import pack
+from app.store.inbox import Inbox, Packed
 
 log = logging.getLogger("spell.webhook_front")
 
@@ -445,13 +447,17 @@ class _Conn(asyncio.Protocol):
 
 
 class _Item:
-    __slots__ = ("body", "delivery_id", "event", "req")
+    __slots__ = ("body", "delivery_id", "encoding", "event", "req")
 
-    def __init__(self, req: _Req, delivery_id: str, event: str, body: bytes) -> None:
+    def __init__(
+        self, req: _Req, delivery_id: str, event: str, body: bytes, encoding: str | None
+    ) -> None:
         self.req = req
         self.delivery_id = delivery_id
         self.event = event
+        #: as stored (app/store/bodies.py): packed once, here, whichever path stores it
         self.body = body
+        self.encoding = encoding
 
 
 class IngestFront:
@@ -587,7 +593,8 @@ class IngestFront:
         if hdr.event == "ping":
             conn.answer(req, 200, b'{"ok": true, "pong": "%s"}' % hdr.delivery_id.encode())
             return
-        self._queue.append(_Item(req, hdr.delivery_id, hdr.event, body))
+        stored, encoding = pack(body)
+        self._queue.append(_Item(req, hdr.delivery_id, hdr.event, stored, encoding))
         self._idle.clear()
         if not self._scheduled and self._inflight < self.limits.max_inflight:
             self._schedule()
@@ -641,6 +648,10 @@ class IngestFront:
             unique.setdefault(item.delivery_id, item)
         return unique
 
+    @staticmethod
+    def _rows(unique: dict[str, _Item]) -> list[Packed]:
+        return [(i.delivery_id, i.event, i.body, i.encoding) for i in unique.values()]
+
     def _store_now(self, batch: list[_Item]) -> bool:
         """Store the batch on this thread if the SQLite writer is idle (a few tens of
         microseconds; no thread hand-off, no task): True when it was stored (or failed) and
@@ -648,9 +659,7 @@ class IngestFront:
         assert self.inbox is not None
         unique = self._unique(batch)
         try:
-            fresh = self.inbox.try_accept_many_now(
-                SOURCE, [(i.delivery_id, i.event, i.body) for i in unique.values()]
-            )
+            fresh = self.inbox.try_store_many_now(SOURCE, self._rows(unique))
         except Exception:
             self._store_failed(batch)
             return True
@@ -664,9 +673,7 @@ class IngestFront:
         assert self.inbox is not None
         unique = self._unique(batch)
         try:
-            fresh = await self.inbox.accept_many(
-                SOURCE, [(i.delivery_id, i.event, i.body) for i in unique.values()]
-            )
+            fresh = await self.inbox.store_many(SOURCE, self._rows(unique))
         except Exception:
             self._store_failed(batch)
         else:

@@ -159,7 +159,11 @@ async def test_inputs_go_at_24h_and_not_at_23h59(world: World) -> None:
     done = await world.cast("secret-input")
     cast_id = done["cast_id"]
     inbox = world.h.client.app[INBOX]  # type: ignore[index]
-    assert await inbox.accept("github", "d-handled", "issue_comment", b'{"body":"/cast x n=1"}')
+    # a real-sized body: stored lz4-compressed, so the purge must clear its encoding too
+    handled_body = b'{"body":"/cast x n=1","pad":"' + b"https://api.github.com/x " * 200 + b'"}'
+    assert await inbox.accept("github", "d-handled", "issue_comment", handled_body)
+    stored = await inbox.get("d-handled")
+    assert stored is not None and stored.body_encoding == "lz4"
     await inbox.finish("d-handled", "done")
     assert await inbox.accept("github", "d-pending", "issue_comment", b'{"body":"/cast y"}')
     # an input file a killed worker left in its run folder, written when the cast was accepted
@@ -192,6 +196,7 @@ async def test_inputs_go_at_24h_and_not_at_23h59(world: World) -> None:
         handled = await s.get(WebhookDelivery, "d-handled")
         pending = await s.get(WebhookDelivery, "d-pending")
     assert handled is not None and handled.body == b"" and handled.status == "done"
+    assert handled.body_encoding is None and handled.payload == b""
     assert pending is not None and pending.body == b'{"body":"/cast y"}'  # not handled yet
     # the cast still answers, with its input hash
     fresh = await world.h.token("c", "caster")  # the first token expired a day ago

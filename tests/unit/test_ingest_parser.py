@@ -15,6 +15,8 @@ import pytest
 
 from app.github.webhooks import sign
 from app.observability.metrics import Metrics
+from app.store.bodies import LZ4, unpack
+from app.store.inbox import Packed
 from app.web.ingest import FrontLimits, IngestFront, _Conn
 
 SECRET = "unit-secret"
@@ -51,39 +53,42 @@ class FakeTransport(asyncio.Transport):
 
 
 class FakeInbox:
+    """Inbox.store_many / try_store_many_now; keeps each body unpacked (app/store/bodies.py),
+    so a test sees the bytes the front received."""
+
     def __init__(self) -> None:
         self.stored: dict[str, tuple[str, bytes]] = {}
+        self.encodings: dict[str, str | None] = {}
         self.batches: list[list[str]] = []
         self.gate: asyncio.Event | None = None
         self.fail = False
-        #: answer try_accept_many_now (SQLite's idle writer) instead of deferring to accept_many
+        #: answer try_store_many_now (SQLite's idle writer) instead of deferring to store_many
         self.in_place = False
         self.in_place_batches: list[list[str]] = []
 
-    def try_accept_many_now(
-        self, source: str, deliveries: list[tuple[str, str, bytes]]
-    ) -> set[str] | None:
+    def try_store_many_now(self, source: str, deliveries: list[Packed]) -> set[str] | None:
         if not self.in_place:
             return None
-        self.in_place_batches.append([d for d, _e, _b in deliveries])
+        self.in_place_batches.append([d for d, _e, _b, _c in deliveries])
         return self._store(deliveries)
 
-    async def accept_many(self, source: str, deliveries: list[tuple[str, str, bytes]]) -> set[str]:
+    async def store_many(self, source: str, deliveries: list[Packed]) -> set[str]:
         assert source == "github"
-        ids = [d for d, _e, _b in deliveries]
+        ids = [d for d, _e, _b, _c in deliveries]
         assert len(ids) == len(set(ids)), "a batch must hold distinct ids"
         self.batches.append(ids)
         if self.gate is not None:
             await self.gate.wait()
         return self._store(deliveries)
 
-    def _store(self, deliveries: list[tuple[str, str, bytes]]) -> set[str]:
+    def _store(self, deliveries: list[Packed]) -> set[str]:
         if self.fail:
             raise RuntimeError("disk full")
         fresh = set()
-        for d, e, b in deliveries:
+        for d, e, b, c in deliveries:
             if d not in self.stored:
-                self.stored[d] = (e, b)
+                self.stored[d] = (e, unpack(b, c))
+                self.encodings[d] = c
                 fresh.add(d)
         return fresh
 
@@ -182,6 +187,20 @@ async def test_a_request_fed_one_byte_at_a_time() -> None:
     await settle()
     assert [r[0] for r in responses(t.written)] == [202]
     assert inbox.stored["slow-1"][1] == BODY
+
+
+async def test_a_large_body_is_stored_lz4_compressed_and_reads_back_exact() -> None:
+    """Compressed once on the loop, after the signature was checked over the raw bytes."""
+    big = json.dumps(
+        {"action": "created", "comment": {"body": "/cast x", "url": "https://api.github.com/x"}}
+        | {f"field_{i}": f"https://api.github.com/repos/o/r/issues/{i}" for i in range(300)}
+    ).encode()
+    _front, conn, t, inbox = make()
+    conn.data_received(request("big-1", body=big) + request("small-1"))
+    await settle()
+    assert [r[0] for r in responses(t.written)] == [202, 202]
+    assert inbox.stored["big-1"] == ("issue_comment", big)
+    assert inbox.encodings == {"big-1": LZ4, "small-1": None}  # small bodies stay raw
 
 
 async def test_duplicates_in_one_batch_are_stored_once() -> None:
