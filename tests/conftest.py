@@ -3,7 +3,9 @@
 CI runs the whole suite twice: once on SQLite, once with SPELL_TEST_DATABASE_URL pointing at the
 real PostgreSQL server. Each PostgreSQL run uses a throw-away database created here. Tests that
 choose their database themselves (``backend_params``, ``in_pass``) run only in that backend's
-pass; the SQLite pass says so with ``SPELL_TEST_PASS=sqlite``, and a plain ``pytest`` runs them all.
+pass; the SQLite pass says so with ``SPELL_TEST_PASS=sqlite``. The PostgreSQL pass skips the
+tests that never reach the suite's database (no ``database_url`` among their fixtures): they
+ran, identically, in the SQLite pass. A plain ``pytest`` runs them all.
 """
 
 from __future__ import annotations

@@ -719,9 +719,9 @@ async def _inbox_statuses(settings: Settings, guids: Sequence[str]) -> dict[str,
         clock = SystemClock()
         inbox = Inbox(SqlLedger(engine, clock), clock)
         for guid in guids:
-            row = await inbox.get(guid)
-            if row is not None and row.source == "github":
-                out[guid] = row.status
+            row = await inbox.status(guid)
+            if row is not None and row[0] == "github":
+                out[guid] = row[1]
     return out
 
 

@@ -408,8 +408,16 @@ class SqliteRunner:
                         conn.execute("PRAGMA synchronous=NORMAL")
                     self._checkpoint_bulk(conn)
                     with self._busy:  # the tail, with nobody committing
-                        self._checkpoint_once(conn)
+                        busy, log_frames, copied = self._checkpoint_once(conn)
                         self.checkpoints += 1
+                    if busy or log_frames != copied:
+                        # a reader's snapshot (or another process) kept frames back: the WAL
+                        # goes on from where it is, and the next checkpoint tries again
+                        log.info(
+                            "ledger WAL checkpoint incomplete: %d of %d frames copied",
+                            copied,
+                            log_frames,
+                        )
                 except sqlite3.Error as e:  # busy or I/O: the next one catches up
                     log.warning("ledger WAL checkpoint failed: %s", e)
                 except Exception:  # never let the thread die: checkpoints would stop
@@ -427,9 +435,11 @@ class SqliteRunner:
         self._checkpoint_once(conn)
 
     @staticmethod
-    def _checkpoint_once(conn: sqlite3.Connection) -> None:
-        """Copy the WAL back into the database (PASSIVE: never waits for readers or writers)."""
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    def _checkpoint_once(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """Copy the WAL back into the database (PASSIVE: never waits for readers or writers):
+        SQLite's ``(busy, frames in the WAL, frames copied)``."""
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     @staticmethod
     def _grant(barrier: _Barrier) -> None:

@@ -62,6 +62,19 @@ class Inbox:
         async with self.ledger.reader() as s:
             return await s.get(WebhookDelivery, delivery_id)
 
+    async def status(self, delivery_id: str) -> tuple[str, str] | None:
+        """``(source, status)`` of a stored delivery, without reading its body (and on any
+        schema revision: the CLI asks before the server has migrated)."""
+        async with self.ledger.reader() as s:
+            row = (
+                await s.execute(
+                    select(WebhookDelivery.source, WebhookDelivery.status).where(
+                        WebhookDelivery.delivery_id == delivery_id
+                    )
+                )
+            ).first()
+        return None if row is None else (str(row[0]), str(row[1]))
+
     async def start_attempt(self, delivery_id: str) -> int:
         async with self.ledger.write() as s:
             n = await s.scalar(

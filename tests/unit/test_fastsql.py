@@ -290,9 +290,9 @@ async def test_checkpoints_run_on_their_own_thread_never_in_a_commit(
     threads: list[str] = []
     once = SqliteRunner._checkpoint_once
 
-    def recording(conn: sqlite3.Connection) -> None:
+    def recording(conn: sqlite3.Connection) -> tuple[int, int, int]:
         threads.append(threading.current_thread().name)
-        once(conn)
+        return once(conn)
 
     monkeypatch.setattr(SqliteRunner, "_checkpoint_once", staticmethod(recording))
     path = _db(tmp_path)
@@ -364,6 +364,30 @@ async def test_commits_go_on_during_a_checkpoint_and_the_wal_starts_again(
         release.set()
         await runner.aclose()
     assert len(_rows(path)) == 6
+
+
+async def test_try_now_never_waits_for_another_connections_write_lock(tmp_path: Path) -> None:
+    """Another writer (in this process it may need this very event loop to finish) holds the
+    lock: try_now declines at once instead of sleeping in SQLite's busy handler."""
+    path = _db(tmp_path)
+    runner = SqliteRunner(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await runner.warm()
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (k, n) VALUES ('other', 1)")
+        assert runner.try_now(lambda: insert("mine", 2)) == (False, None)
+        queued = asyncio.ensure_future(runner.run(lambda: insert("mine", 2)))
+        await asyncio.sleep(0.05)
+        assert not queued.done()  # the writer thread waits for the lock instead
+        other.execute("COMMIT")
+        assert await queued == 1
+        # and the connection still waits patiently through the writer thread afterwards
+        assert runner.try_now(lambda: insert("again", 3)) == (True, 1)
+    finally:
+        other.close()
+        await runner.aclose()
+    assert [r[0] for r in _rows(path)] == ["again", "mine", "other"]
 
 
 async def test_orm_connections_leave_checkpoints_to_the_checkpoint_thread(tmp_path: Path) -> None:

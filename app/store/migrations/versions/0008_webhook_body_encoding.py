@@ -40,25 +40,39 @@ def upgrade() -> None:
         )
 
 
+#: compressed bodies written back raw per statement batch in a downgrade (bounded memory)
+DOWNGRADE_BATCH = 200
+
+
 def downgrade() -> None:
     bind = op.get_bind()
-    # bodies the platform compressed are written back raw, so the older schema reads them
-    rows = bind.execute(
-        sa.text(
-            "SELECT delivery_id, body, body_encoding FROM webhook_deliveries"
-            " WHERE body_encoding IS NOT NULL"
-        )
-    ).fetchall()
-    if rows:
-        from app.store.bodies import unpack
-
-        for delivery_id, body, encoding in rows:
-            bind.execute(
-                sa.text("UPDATE webhook_deliveries SET body = :b WHERE delivery_id = :d"),
-                {"b": unpack(body, encoding), "d": delivery_id},
-            )
     if bind.dialect.name == "postgresql":
+        # first, so the raw bodies written back below are TOAST-compressed again as before
         op.execute("ALTER TABLE webhook_deliveries RESET (toast_tuple_target)")
         op.execute("ALTER TABLE webhook_deliveries ALTER COLUMN body SET STORAGE EXTENDED")
+    # bodies the platform compressed are written back raw, so the older schema reads them
+    from app.store.bodies import unpack
+
+    after = ""
+    while True:
+        rows = bind.execute(
+            sa.text(
+                "SELECT delivery_id, body, body_encoding FROM webhook_deliveries"
+                " WHERE body_encoding IS NOT NULL AND delivery_id > :after"
+                " ORDER BY delivery_id LIMIT :n"
+            ),
+            {"after": after, "n": DOWNGRADE_BATCH},
+        ).fetchall()
+        for delivery_id, body, encoding in rows:
+            bind.execute(
+                sa.text(
+                    "UPDATE webhook_deliveries SET body = :b, body_encoding = NULL"
+                    " WHERE delivery_id = :d"
+                ),
+                {"b": unpack(body, encoding), "d": delivery_id},
+            )
+        if len(rows) < DOWNGRADE_BATCH:
+            break
+        after = rows[-1][0]
     with op.batch_alter_table("webhook_deliveries") as batch:
         batch.drop_column("body_encoding")
