@@ -2,8 +2,8 @@
 
 A delivery row and its outbox message commit together, so an acknowledged delivery is never
 lost; the delivery id is the primary key, so a redelivered one is recognised and dropped.
-Bodies are stored lz4-compressed when that pays (app/store/bodies.py); read them back with
-``WebhookDelivery.payload``.
+On SQLite bodies are stored lz4-compressed when that pays (app/store/bodies.py); PostgreSQL
+compresses them itself. Read them back with ``WebhookDelivery.payload``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from app.services.ports import Clock
 from app.store import hot
 from app.store.bodies import pack
+from app.store.fastsql import SqliteRunner
 from app.store.ledger import SqlLedger
 from app.store.models import WebhookDelivery
 
@@ -24,6 +25,18 @@ class Inbox:
     def __init__(self, ledger: SqlLedger, clock: Clock) -> None:
         self.ledger = ledger
         self.clock = clock
+        #: SQLite stores what it is given; PostgreSQL compresses bodies itself (lz4 TOAST,
+        #: migration 0007), where compressing them here first measured no better, only
+        #: different (bench/README.md, session 5)
+        self.compresses = isinstance(ledger.fast, SqliteRunner)
+
+    def pack(self, body: bytes) -> tuple[bytes, str | None]:
+        """``(stored bytes, body_encoding)`` of a raw body for this ledger."""
+        return pack(body) if self.compresses else (body, None)
+
+    def pack_many(self, deliveries: Sequence[tuple[str, str, bytes]]) -> list[Packed]:
+        """``(delivery_id, event, raw body)`` → :data:`Packed` for :meth:`store_many`."""
+        return [(d, e, *self.pack(b)) for d, e, b in deliveries]
 
     async def accept(self, source: str, delivery_id: str, event: str, body: bytes) -> bool:
         """Store a verified delivery; False if this delivery id was seen before.
@@ -31,7 +44,7 @@ class Inbox:
         On the bare-driver hot path (app/store/fastsql.py): on SQLite, deliveries arriving
         together share one group-committed transaction."""
         now = self.clock.now()
-        stored, encoding = pack(body)
+        stored, encoding = self.pack(body)
         return await self.ledger.fast.run(
             lambda: hot.accept_delivery(source, delivery_id, event, stored, encoding, now)
         )
@@ -41,10 +54,10 @@ class Inbox:
     ) -> set[str]:
         """Store a batch of verified ``(delivery_id, event, body)`` (distinct ids) in ONE
         transaction, the same rows :meth:`accept` writes; returns the ids that were new."""
-        return await self.store_many(source, packed(deliveries))
+        return await self.store_many(source, self.pack_many(deliveries))
 
     async def store_many(self, source: str, deliveries: Sequence[Packed]) -> set[str]:
-        """:meth:`accept_many` for bodies already packed (:func:`packed`)."""
+        """:meth:`accept_many` for bodies already packed (:meth:`pack_many`)."""
         now = self.clock.now()
         return await self.ledger.fast.run(lambda: hot.accept_deliveries(source, deliveries, now))
 
@@ -108,8 +121,3 @@ class Inbox:
 
 #: ``(delivery_id, event, stored body, body encoding)``: a delivery as the inbox stores it
 Packed = tuple[str, str, bytes, str | None]
-
-
-def packed(deliveries: Sequence[tuple[str, str, bytes]]) -> list[Packed]:
-    """``(delivery_id, event, raw body)`` → :data:`Packed` (app/store/bodies.py)."""
-    return [(d, e, *pack(b)) for d, e, b in deliveries]

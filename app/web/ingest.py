@@ -13,11 +13,11 @@ several times the HMAC itself (bench/README.md §5). Here the request is parsed 
 stream reader, no request object — and storage is batched: the deliveries verified while a
 batch is being committed wait for the next one, and each batch is ONE transaction of two
 multi-row statements (``hot.accept_deliveries``: ``INSERT … ON CONFLICT (delivery_id) DO NOTHING
-RETURNING`` + the outbox rows), each body lz4-compressed on the loop right after its signature
-checked (app/store/bodies.py). Every delivery is answered only after its batch committed
-(durable before 202). The rows are exactly those ``Inbox.accept`` writes, so the job handlers
-process them unchanged. On SQLite the batch is one program on the ledger's group-committing
-writer thread; on PostgreSQL one transaction from the hot pool.
+RETURNING`` + the outbox rows), each body packed on the loop right after its signature checked
+(``Inbox.pack``: lz4 on SQLite, app/store/bodies.py). Every delivery is answered only after its
+batch committed (durable before 202). The rows are exactly those ``Inbox.accept`` writes, so
+the job handlers process them unchanged. On SQLite the batch is one program on the ledger's
+group-committing writer thread; on PostgreSQL one transaction from the hot pool.
 
 HTTP/1.1 behaviour: keep-alive and pipelining (answers in request order per connection, reading
 paused while too many are outstanding); ``Content-Length`` required (411 otherwise, e.g.
@@ -52,7 +52,6 @@ from app.config import Settings
 from app.errors import AppError
 from app.github.webhooks import SIGNATURE_HEADER, check_delivery
 from app.observability.metrics import Metrics
-from app.store.bodies import pack
 from app.store.inbox import Inbox, Packed
 
 log = logging.getLogger("spell.webhook_front")
@@ -593,7 +592,8 @@ class IngestFront:
         if hdr.event == "ping":
             conn.answer(req, 200, b'{"ok": true, "pong": "%s"}' % hdr.delivery_id.encode())
             return
-        stored, encoding = pack(body)
+        assert self.inbox is not None  # else ``unavailable`` answered above
+        stored, encoding = self.inbox.pack(body)
         self._queue.append(_Item(req, hdr.delivery_id, hdr.event, stored, encoding))
         self._idle.clear()
         if not self._scheduled and self._inflight < self.limits.max_inflight:

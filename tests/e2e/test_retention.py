@@ -26,6 +26,7 @@ from app.domain.audit import verify_lines
 from app.services.ports import ArtifactStore
 from app.store.auditlog import list_segments, read_anchor, remove_segment, segment_bounds
 from app.store.db import make_engine
+from app.store.fastsql import SqliteRunner
 from app.store.ledger import SqlLedger
 from app.store.models import Cast, IdempotencyKey, WebhookDelivery
 from app.store.retention_store import RetentionStore
@@ -163,7 +164,8 @@ async def test_inputs_go_at_24h_and_not_at_23h59(world: World) -> None:
     handled_body = b'{"body":"/cast x n=1","pad":"' + b"https://api.github.com/x " * 200 + b'"}'
     assert await inbox.accept("github", "d-handled", "issue_comment", handled_body)
     stored = await inbox.get("d-handled")
-    assert stored is not None and stored.body_encoding == "lz4"
+    assert stored is not None
+    assert stored.body_encoding == ("lz4" if isinstance(inbox.ledger.fast, SqliteRunner) else None)
     await inbox.finish("d-handled", "done")
     assert await inbox.accept("github", "d-pending", "issue_comment", b'{"body":"/cast y"}')
     # an input file a killed worker left in its run folder, written when the cast was accepted

@@ -15,7 +15,7 @@ import pytest
 
 from app.github.webhooks import sign
 from app.observability.metrics import Metrics
-from app.store.bodies import LZ4, unpack
+from app.store.bodies import LZ4, pack, unpack
 from app.store.inbox import Packed
 from app.web.ingest import FrontLimits, IngestFront, _Conn
 
@@ -65,6 +65,9 @@ class FakeInbox:
         #: answer try_store_many_now (SQLite's idle writer) instead of deferring to store_many
         self.in_place = False
         self.in_place_batches: list[list[str]] = []
+
+    def pack(self, body: bytes) -> tuple[bytes, str | None]:
+        return pack(body)  # as the SQLite ledger's Inbox does
 
     def try_store_many_now(self, source: str, deliveries: list[Packed]) -> set[str] | None:
         if not self.in_place:

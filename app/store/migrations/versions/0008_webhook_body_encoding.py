@@ -1,14 +1,10 @@
-"""webhook bodies: stored lz4-compressed by the platform (``body_encoding``)
+"""webhook bodies: ``body_encoding`` says how the platform stored ``body``
 
-The platform compresses raw webhook bodies itself (app/store/bodies.py) and says so in the new
-column ``webhook_deliveries.body_encoding`` (``NULL``: raw, as every row stored before).
-
-PostgreSQL: a body compressed by the platform is not compressible again, so the column's
-storage becomes EXTERNAL (never compressed by TOAST; moved out of line only when a row is too
-big), and the table's ``toast_tuple_target`` becomes 8160 bytes, so a typical delivery (14 KiB
-raw, ~3.3 KiB compressed) stays in the table's own page instead of being cut into TOAST
-chunks. Both are catalog changes: no rewrite; rows stored before keep what they have. SQLite:
-only the column.
+On SQLite the platform compresses raw webhook bodies itself (app/store/bodies.py) and says so in
+the new column ``webhook_deliveries.body_encoding`` (``NULL``: raw, as every row stored before).
+PostgreSQL keeps storing them raw and compressing them in TOAST (lz4 since 0007): compressing
+them in the platform first measured no cheaper there (bench/README.md, session 5). Both
+backends get the column, so every reader handles both kinds of row the same way.
 
 Revision ID: 0008
 Revises: 0007
@@ -25,19 +21,11 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-#: PostgreSQL's largest ``toast_tuple_target`` for 8 KiB pages
-TOAST_TUPLE_TARGET = 8160
-
 
 def upgrade() -> None:
     op.add_column(
         "webhook_deliveries", sa.Column("body_encoding", sa.String(length=16), nullable=True)
     )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE webhook_deliveries ALTER COLUMN body SET STORAGE EXTERNAL")
-        op.execute(
-            f"ALTER TABLE webhook_deliveries SET (toast_tuple_target = {TOAST_TUPLE_TARGET})"
-        )
 
 
 #: compressed bodies written back raw per statement batch in a downgrade (bounded memory)
@@ -46,10 +34,6 @@ DOWNGRADE_BATCH = 200
 
 def downgrade() -> None:
     bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
-        # first, so the raw bodies written back below are TOAST-compressed again as before
-        op.execute("ALTER TABLE webhook_deliveries RESET (toast_tuple_target)")
-        op.execute("ALTER TABLE webhook_deliveries ALTER COLUMN body SET STORAGE EXTENDED")
     # bodies the platform compressed are written back raw, so the older schema reads them
     from app.store.bodies import unpack
 
