@@ -17,8 +17,8 @@ import os
 import secrets
 import shutil
 import tarfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,29 @@ def settings(tmp_path: Path, database_url: str | None) -> Settings:
         SPELL_RATE_LIMIT_PER_SEC=10_000,
         NATS_URL=None,  # the in-process queue, even if the shell exports NATS_URL
     )
+
+
+@dataclass
+class DeadMessage:
+    """What a queue hands out for a MAX_DELIVERIES advisory (a run request by default): a
+    ``Message`` double that records its acks."""
+
+    payload: dict[str, Any]
+    num_delivered: int = 5
+    subject: str = "run.x"
+    msg_id: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    dead: bool = True
+    acks: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.acks.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.acks.append("nak")
+
+    async def in_progress(self) -> None:
+        self.acks.append("wpi")
 
 
 # ---------------------------------------------------------------------------- sandbox double

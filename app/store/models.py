@@ -26,6 +26,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from app.store.bodies import unpack
+
 if TYPE_CHECKING:
     from app.store.hot import AuditRow
 
@@ -368,8 +370,6 @@ class WebhookDelivery(Base):
     @property
     def payload(self) -> bytes:
         """The raw body, exactly as it was received (and its signature checked)."""
-        from app.store.bodies import unpack
-
         return unpack(self.body, self.body_encoding)
 
 

@@ -20,7 +20,7 @@ from app.store.audit_outbox import AuditDrainer
 from app.web.app import Overrides, create_app
 from app.worker.consumer import RunConsumer
 from app.worker.runs import RunExecutor, RunnerConfig
-from tests.conftest import Harness
+from tests.conftest import DeadMessage, Harness
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -129,29 +129,6 @@ async def test_caps_set_commits_its_record_with_the_caps(harness: Harness) -> No
 
 
 # ---------------------------------------------------------------------------- dead letters
-
-
-class DeadMessage:
-    """A MAX_DELIVERIES advisory of a run request."""
-
-    subject = "run.x"
-    msg_id = ""
-    dead = True
-
-    def __init__(self, payload: dict[str, Any], num_delivered: int = 5) -> None:
-        self.payload = payload
-        self.headers: dict[str, str] = {}
-        self.num_delivered = num_delivered
-        self.acks: list[str] = []
-
-    async def ack(self) -> None:
-        self.acks.append("ack")
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.acks.append("nak")
-
-    async def in_progress(self) -> None:
-        self.acks.append("wpi")
 
 
 @pytest.fixture

@@ -105,6 +105,20 @@ async def processed(h: Harness, delivery_id: str, timeout: float = 10.0) -> str:
         await asyncio.sleep(0.02)
 
 
+async def run_completed(h: Harness, fake: FakeGitHub, run: Any) -> dict[str, Any]:
+    """Deliver GitHub's ``workflow_run`` completed (success) for ``run``, wait until the
+    platform has processed it; the payload (to deliver again)."""
+    wr = example("workflow_run", action="completed")
+    wr["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
+    wr["repository"]["full_name"] = REPO
+    wr["workflow_run"]["id"] = run.id
+    wr["workflow_run"]["conclusion"] = "success"
+    wr["workflow_run"]["display_title"] = run.display_title
+    _r, delivery = await deliver(h, fake, "workflow_run", wr)
+    await processed(h, delivery)
+    return wr
+
+
 async def until(predicate: Any, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await predicate():
@@ -252,14 +266,7 @@ async def test_a_cast_comment_dispatches_the_workflow_and_settles_on_completion(
     fake.complete_run(
         run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"hello.txt": b"hi"}}]
     )
-    wr = example("workflow_run", action="completed")
-    wr["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
-    wr["repository"]["full_name"] = REPO
-    wr["workflow_run"]["id"] = run.id
-    wr["workflow_run"]["conclusion"] = "success"
-    wr["workflow_run"]["display_title"] = run.display_title
-    r, delivery = await deliver(h, fake, "workflow_run", wr)
-    await processed(h, delivery)
+    await run_completed(h, fake, run)
 
     async def settled() -> bool:
         c = await ledger.get_cast(cast_id)
@@ -639,14 +646,7 @@ async def test_dispatch_and_completion_commit_their_audit_records_with_them(
         fake.complete_run(
             run.id, "success", artifacts=[{"name": f"spell-{cast_id}", "files": {"a": b"1"}}]
         )
-        wr = example("workflow_run", action="completed")
-        wr["installation"] = {"id": INSTALLATION, "node_id": "MDIz"}
-        wr["repository"]["full_name"] = REPO
-        wr["workflow_run"]["id"] = run.id
-        wr["workflow_run"]["conclusion"] = "success"
-        wr["workflow_run"]["display_title"] = run.display_title
-        _r, delivery = await deliver(h, fake, "workflow_run", wr)
-        await processed(h, delivery)
+        wr = await run_completed(h, fake, run)
         [ended] = [r for r in await h.pending_audit("cast.succeeded") if r["cast_id"] == cast_id]
         assert (ended["actor"], ended["amount_cents"], ended["currency"]) == ("github", 5, "USD")
         assert (ended["input_hash"], ended["traceparent"]) == (cast.input_hash, cast.traceparent)

@@ -5,8 +5,6 @@ consumer does with a dead letter and on a drain (on the embedded ledger, with th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +18,7 @@ from app.web.app import Overrides, create_app
 from app.web.keys import CONSUMER
 from app.worker.consumer import RunConsumer, is_dead_letter
 from app.worker.runs import RunExecutor, RunnerConfig
-from tests.conftest import Harness
+from tests.conftest import DeadMessage, Harness
 
 
 def test_names_and_subjects_follow_the_namespace() -> None:
@@ -51,28 +49,6 @@ def test_serve_runs_casts_itself_only_without_nats_unless_asked(
     assert empty.serve_runs is None and empty.nats_url is None and empty.embedded_runs
     with pytest.raises(ValidationError):
         Settings(**base, SPELL_NATS_NAMESPACE="Has.Dots")
-
-
-@dataclass
-class DeadMessage:
-    """What the JetStream queue hands out for a MAX_DELIVERIES advisory."""
-
-    payload: dict[str, Any]
-    num_delivered: int = 5
-    subject: str = "run.x"
-    msg_id: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    dead: bool = True
-    acks: list[str] = field(default_factory=list)
-
-    async def ack(self) -> None:
-        self.acks.append("ack")
-
-    async def nak(self, delay: float | None = None) -> None:
-        self.acks.append("nak")
-
-    async def in_progress(self) -> None:
-        self.acks.append("wpi")
 
 
 def _consumer(h: Harness) -> RunConsumer:
